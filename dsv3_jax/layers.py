@@ -1,0 +1,104 @@
+"""Building blocks shared by attention, MoE and MTP: RMSNorm, Linear, the SwiGLU MLP, the embedding.
+
+`Linear` is the seam of the precision policy: every projection the paper runs in FP8 is a `Linear`,
+so swapping its matmul (bf16 today) changes them all at once. The embedding, output head, router,
+norms and attention math never go through it.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv3_jax import config as config_lib
+
+Axes = tuple[str | None, ...]
+
+
+def _normal_init(cfg: config_lib.ModelConfig, axes: Axes):
+  return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
+
+
+class RMSNorm(nn.Module):
+  """x * rsqrt(mean(x^2) + eps) * weight, statistics in fp32 (HF order: cast, then scale)."""
+
+  cfg: config_lib.ModelConfig
+  dim: int
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    weight = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+                        (self.dim,), self.cfg.weight_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+    return normed.astype(x.dtype) * weight.astype(x.dtype)
+
+
+class Linear(nn.Module):
+  """y = x @ kernel with kernel [in, out]; the matmul runs in cfg.dtype."""
+
+  cfg: config_lib.ModelConfig
+  in_features: int
+  out_features: int
+  axes: Axes = ("embed", "mlp")
+
+  def setup(self):
+    self.kernel = self.param("kernel", _normal_init(self.cfg, self.axes),
+                             (self.in_features, self.out_features), self.cfg.weight_dtype)
+
+  def weight(self) -> jax.Array:
+    """The kernel as the matmul sees it (for paths that fold it into other weights, e.g. absorbed MLA)."""
+    return jnp.asarray(self.kernel, self.cfg.compute_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum("...i,io->...o", x.astype(self.cfg.compute_dtype), self.weight())
+
+
+class MLP(nn.Module):
+  """SwiGLU: w2(silu(w1 x) * w3 x). Used for the dense layers and the shared experts."""
+
+  cfg: config_lib.ModelConfig
+  hidden: int
+
+  @nn.compact
+  def __call__(self, x_WD: jax.Array) -> jax.Array:
+    dim = self.cfg.dim
+    gate_WF = Linear(self.cfg, dim, self.hidden, ("embed", "mlp"), name="w1")(x_WD)
+    up_WF = Linear(self.cfg, dim, self.hidden, ("embed", "mlp"), name="w3")(x_WD)
+    return Linear(self.cfg, self.hidden, dim, ("mlp", "embed"), name="w2")(nn.silu(gate_WF) * up_WF)
+
+
+class Embed(nn.Module):
+  """Token embedding table [vocab, dim]; also the MTP modules' embedding (shared, not copied)."""
+
+  cfg: config_lib.ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BS: jax.Array) -> jax.Array:
+    table = self.param("embedding", _normal_init(self.cfg, ("vocab", "embed")),
+                       (self.cfg.vocab_size, self.cfg.dim), self.cfg.weight_dtype)
+    check_token_ids(tokens_BS, self.cfg.vocab_size)
+    return jnp.take(table, tokens_BS, axis=0).astype(self.cfg.compute_dtype)
+
+
+def check_token_ids(tokens, vocab_size: int, what: str = "token ids") -> None:
+  """Refuses ids outside [0, vocab_size) when they are concrete (a jitted gather would clamp them)."""
+  if isinstance(tokens, jax.core.Tracer):
+    return
+  ids = np.asarray(tokens)
+  if not np.issubdtype(ids.dtype, np.integer):
+    raise TypeError(f"{what} must be integers, got dtype {ids.dtype}")
+  bad = np.argwhere((ids < 0) | (ids >= vocab_size))
+  if bad.size:
+    where = tuple(int(i) for i in bad[0])
+    raise ValueError(f"{what}: id {int(ids[where])} at index {where} is outside the vocabulary "
+                     f"[0, {vocab_size}) ({len(bad)} offending ids in all)")
+
+
+def head_logits(x_BSD: jax.Array, kernel_DX: jax.Array) -> jax.Array:
+  """Output projection, returned in fp32 for the loss and for parity checks."""
+  return jnp.einsum("bsd,dx->bsx", x_BSD, kernel_DX.astype(x_BSD.dtype)).astype(jnp.float32)
+

@@ -1,0 +1,113 @@
+"""Multi-head Latent Attention (paper §2.1.1): low-rank queries, a compressed KV latent, decoupled RoPE.
+
+Two paths with the same math (numerics §2.6):
+- `__call__`, the training/prefill path: expands the latent into per-head keys and values.
+- `absorbed`, the decode path: caches only kv_norm(c_kv) [B,T,C] and the roped shared key [B,T,R],
+  and folds wkv_b into the query and the output, so no per-head key or value is ever formed.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax import config as config_lib
+from dsv3_jax import layers
+from dsv3_jax import rope
+
+LatentCache = dict[str, jax.Array]  # {"kv": [B, T, C], "pe": [B, T, R]}
+
+
+def init_cache(cfg: config_lib.ModelConfig, batch: int, length: int, dtype=None) -> LatentCache:
+  """An empty latent cache for one layer."""
+  dtype = dtype or cfg.compute_dtype
+  return {"kv": jnp.zeros((batch, length, cfg.kv_lora_rank), dtype),
+          "pe": jnp.zeros((batch, length, cfg.qk_rope_head_dim), dtype)}
+
+
+class MLA(nn.Module):
+  """Multi-head Latent Attention with parameter names from DeepSeek's `inference/model.py`."""
+
+  cfg: config_lib.ModelConfig
+
+  def setup(self):
+    c = self.cfg
+    if c.q_lora_rank:
+      self.wq_a = layers.Linear(c, c.dim, c.q_lora_rank, ("embed", "q_lora"))
+      self.q_norm = layers.RMSNorm(c, c.q_lora_rank, "q_lora")
+      self.wq_b = layers.Linear(c, c.q_lora_rank, c.n_heads * c.qk_head_dim, ("q_lora", "heads"))
+    else:
+      self.wq = layers.Linear(c, c.dim, c.n_heads * c.qk_head_dim, ("embed", "heads"))
+    self.wkv_a = layers.Linear(c, c.dim, c.kv_lora_rank + c.qk_rope_head_dim, ("embed", "kv_lora"))
+    self.kv_norm = layers.RMSNorm(c, c.kv_lora_rank, "kv_lora")
+    self.wkv_b = layers.Linear(c, c.kv_lora_rank, c.n_heads * (c.qk_nope_head_dim + c.v_head_dim),
+                               ("kv_lora", "heads"))
+    self.wo = layers.Linear(c, c.n_heads * c.v_head_dim, c.dim, ("heads", "embed"))
+
+  def _queries(self, x_BSD, cos, sin):
+    """q_nope [B,S,H,K] and roped q_pe [B,S,H,R]."""
+    c = self.cfg
+    q = self.wq_b(self.q_norm(self.wq_a(x_BSD))) if c.q_lora_rank else self.wq(x_BSD)
+    q_BSHK = q.reshape(*x_BSD.shape[:2], c.n_heads, c.qk_head_dim)
+    q_nope, q_pe = jnp.split(q_BSHK, [c.qk_nope_head_dim], axis=-1)
+    return q_nope, rope.apply(q_pe, cos, sin)
+
+  def _latents(self, x_BSD, cos, sin):
+    """kv_norm(c_kv) [B,S,C] and the roped shared key k_pe [B,S,R]."""
+    kv_latent, k_pe = jnp.split(self.wkv_a(x_BSD), [self.cfg.kv_lora_rank], axis=-1)
+    return self.kv_norm(kv_latent), rope.apply(k_pe, cos, sin)
+
+  def _probs(self, scores_BHST, mask_BST):
+    """Scaled, masked softmax in fp32, cast back to the activation dtype."""
+    scores = scores_BHST.astype(jnp.float32) * self.cfg.softmax_scale
+    scores = jnp.where(mask_BST[:, None], scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1).astype(self.cfg.compute_dtype)
+
+  def __call__(self, x_BSD: jax.Array, positions_BS: jax.Array, mask_BST: jax.Array) -> jax.Array:
+    """Training/prefill path; mask_BST[b, s, t] says whether query s may attend to key t."""
+    c = self.cfg
+    cos, sin = rope.rotation(c, positions_BS)
+    q_nope_BSHK, q_pe_BSHR = self._queries(x_BSD, cos, sin)
+    kv_latent_BTC, k_pe_BTR = self._latents(x_BSD, cos, sin)
+    kv_BTHK = self.wkv_b(kv_latent_BTC).reshape(*kv_latent_BTC.shape[:2], c.n_heads, -1)
+    k_nope_BTHK, v_BTHV = jnp.split(kv_BTHK, [c.qk_nope_head_dim], axis=-1)
+    scores = (jnp.einsum("bshk,bthk->bhst", q_nope_BSHK, k_nope_BTHK)
+              + jnp.einsum("bshr,btr->bhst", q_pe_BSHR, k_pe_BTR))
+    out_BSHV = jnp.einsum("bhst,bthv->bshv", self._probs(scores, mask_BST), v_BTHV)
+    return self.wo(out_BSHV.reshape(*x_BSD.shape[:2], -1))
+
+  def absorbed(self, x_BSD: jax.Array, positions_BS: jax.Array,
+               cache: LatentCache) -> tuple[jax.Array, LatentCache]:
+    """Decode/prefill over the latent cache (paper §2.1.1, "absorb" in DeepSeek's model.py).
+
+    1. Write kv_norm(c_kv) and rope(k_pe) of the new tokens into the cache at their positions
+       (each sequence's new tokens are contiguous, starting at positions_BS[b, 0]).
+    2. Absorb W_UK into the query: q_abs[s,h] = q_nope[s,h] @ W_UK[h] (K -> C).
+    3. Score against the cache: q_abs . kv[t] + q_pe . pe[t], keys t <= the query's position.
+    4. Attend over latents, ctx[s,h] = sum_t P kv[t] (C), then apply W_UV[h] (C -> V) and wo.
+    """
+    c = self.cfg
+    cos, sin = rope.rotation(c, positions_BS)
+    q_nope_BSHK, q_pe_BSHR = self._queries(x_BSD, cos, sin)
+    kv_latent_BSC, k_pe_BSR = self._latents(x_BSD, cos, sin)
+    cache = _write_cache(cache, kv_latent_BSC, k_pe_BSR, positions_BS[:, 0])
+    w_kv_CHK = self.wkv_b.weight().reshape(c.kv_lora_rank, c.n_heads, -1)
+    w_uk_CHK, w_uv_CHV = jnp.split(w_kv_CHK, [c.qk_nope_head_dim], axis=-1)
+    q_abs_BSHC = jnp.einsum("bshk,chk->bshc", q_nope_BSHK, w_uk_CHK)
+    kv_BTC, pe_BTR = cache["kv"].astype(c.compute_dtype), cache["pe"].astype(c.compute_dtype)
+    scores = (jnp.einsum("bshc,btc->bhst", q_abs_BSHC, kv_BTC)
+              + jnp.einsum("bshr,btr->bhst", q_pe_BSHR, pe_BTR))
+    key_pos_T = jnp.arange(kv_BTC.shape[1])
+    mask_BST = key_pos_T[None, None, :] <= positions_BS[:, :, None]
+    ctx_BSHC = jnp.einsum("bhst,btc->bshc", self._probs(scores, mask_BST), kv_BTC)
+    out_BSHV = jnp.einsum("bshc,chv->bshv", ctx_BSHC, w_uv_CHV)
+    return self.wo(out_BSHV.reshape(*x_BSD.shape[:2], -1)), cache
+
+
+def _write_cache(cache: LatentCache, kv_BSC, pe_BSR, start_B) -> LatentCache:
+  def write(buf_TX, new_SX, start):
+    return jax.lax.dynamic_update_slice(buf_TX, new_SX.astype(buf_TX.dtype), (start, 0))
+
+  return {"kv": jax.vmap(write)(cache["kv"], kv_BSC, start_B),
+          "pe": jax.vmap(write)(cache["pe"], pe_BSR, start_B)}

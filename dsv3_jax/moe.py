@@ -1,0 +1,182 @@
+"""DeepSeekMoE (paper §2.1.2): sigmoid router with group-limited top-k, routed + shared experts.
+
+The routing correction bias (auxiliary-loss-free balancing, §2.1.2) lives in the non-trainable
+`routing` collection: it steers which experts are selected and nothing else, so it gets no gradient,
+no optimizer state and no weight decay. The layer reports per-expert loads for its update.
+
+Expert compute goes through one seam, `RoutedExperts.dispatch`: the local dropless dispatch below,
+or the expert-parallel all-to-all dispatch when experts are sharded over a mesh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax import config as config_lib
+from dsv3_jax import layers
+from dsv3_jax import ops
+
+ROUTING = "routing"  # variable collection of the correction biases
+
+
+class Routing(NamedTuple):
+  weights_WK: jax.Array  # fp32 gate weights of the selected experts
+  experts_WK: jax.Array  # int32 selected expert ids
+  scores_WE: jax.Array  # fp32 unbiased affinities s_{i,t}
+
+
+def select_experts(biased_WE: jax.Array, cfg: config_lib.ModelConfig) -> jax.Array:
+  """Group-limited top-k on bias-corrected scores (numerics §4 steps 3-5).
+
+  1. Score each of the n_expert_groups groups by the sum of its two best experts.
+  2. Keep the n_limited_groups best groups; experts elsewhere drop to -inf.
+  3. Take the top n_activated_experts of what is left.
+  """
+  n_tokens, n_experts = biased_WE.shape
+  if cfg.n_expert_groups > 1:
+    grouped_WGE = biased_WE.reshape(n_tokens, cfg.n_expert_groups, -1)
+    group_scores_WG = jax.lax.top_k(grouped_WGE, 2)[0].sum(-1)
+    kept_WG = jax.lax.top_k(group_scores_WG, cfg.n_limited_groups)[1]
+    keep_WG = jax.nn.one_hot(kept_WG, cfg.n_expert_groups, dtype=jnp.bool_).any(axis=1)
+    biased_WE = jnp.where(keep_WG[:, :, None], grouped_WGE, -jnp.inf).reshape(n_tokens, n_experts)
+  return jax.lax.top_k(biased_WE, cfg.n_activated_experts)[1].astype(jnp.int32)
+
+
+class Router(nn.Module):
+  """Gate in fp32: scores from the plain affinities, selection from affinities + bias."""
+
+  cfg: config_lib.ModelConfig
+
+  @nn.compact
+  def __call__(self, x_WD: jax.Array) -> Routing:
+    c = self.cfg
+    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(c.init_std), ("embed", None)),
+                        (c.dim, c.n_routed_experts), c.weight_dtype)
+    bias = self.variable(ROUTING, "bias", jnp.zeros, (c.n_routed_experts,), jnp.float32)
+    logits_WE = jnp.dot(x_WD.astype(jnp.float32), kernel.astype(jnp.float32))
+    scores_WE = jax.nn.sigmoid(logits_WE) if c.score_func == "sigmoid" else jax.nn.softmax(logits_WE, -1)
+    experts_WK = select_experts(scores_WE + bias.value, c)
+    weights_WK = jnp.take_along_axis(scores_WE, experts_WK, axis=-1)
+    if c.score_func == "sigmoid":
+      weights_WK = weights_WK / weights_WK.sum(-1, keepdims=True)
+    return Routing(weights_WK * c.route_scale, experts_WK, scores_WE)
+
+
+class TileLayout(NamedTuple):
+  """Where each routed slot sits in the expert-contiguous tile buffer (all integer, no gradient)."""
+
+  row_of_slot_N: jax.Array  # buffer row of slot n = (token n // K, choice n % K)
+  slot_of_row_R: jax.Array  # inverse map; N marks a padding row
+  tile_expert_G: jax.Array  # owning expert of each tile
+  n_tiles: jax.Array  # tiles in use; the rest of the G tiles are padding
+  rows: int  # rows per tile (M)
+
+
+def tile_layout(experts_N: jax.Array, n_experts: int) -> TileLayout:
+  """Sorts routed slots by expert into tiles of M rows, each expert padded to whole tiles.
+
+  The buffer has a static bound of ceil(N/M) + min(E, N) tiles, the most that N slots can fill,
+  so no token is ever dropped; tiles past n_tiles are never computed.
+  """
+  n_slots = experts_N.shape[0]
+  rows = ops.tile_rows(n_slots, n_experts)
+  n_groups = -(-n_slots // rows) + min(n_experts, n_slots)
+  order_N = jnp.argsort(experts_N, stable=True)
+  sorted_experts_N = experts_N[order_N]
+  count_E = jnp.zeros(n_experts, jnp.int32).at[experts_N].add(1)
+  padded_E = (count_E + rows - 1) // rows * rows
+  padded_end_E = jnp.cumsum(padded_E)
+  rank_N = jnp.arange(n_slots) - (jnp.cumsum(count_E) - count_E)[sorted_experts_N]
+  row_sorted_N = (padded_end_E - padded_E)[sorted_experts_N] + rank_N
+  row_of_slot_N = jnp.zeros(n_slots, jnp.int32).at[order_N].set(row_sorted_N.astype(jnp.int32))
+  slot_of_row_R = jnp.full(n_groups * rows, n_slots, jnp.int32).at[row_of_slot_N].set(
+      jnp.arange(n_slots, dtype=jnp.int32))
+  tile_start_G = jnp.arange(n_groups) * rows
+  tile_expert_G = jnp.minimum(jnp.searchsorted(padded_end_E, tile_start_G, side="right"), n_experts - 1)
+  return TileLayout(row_of_slot_N, slot_of_row_R, tile_expert_G.astype(jnp.int32),
+                    padded_end_E[-1] // rows, rows)
+
+
+def local_dispatch(x_WD: jax.Array, routing: Routing, w1_EDF: jax.Array, w3_EDF: jax.Array,
+                   w2_EFD: jax.Array, impl: str = "xla") -> jax.Array:
+  """Dropless routed-expert FFN on this device's tokens; cost grows with tokens x top-k only."""
+  n_tokens, top_k = routing.experts_WK.shape
+  layout = tile_layout(jax.lax.stop_gradient(routing.experts_WK).reshape(-1), w1_EDF.shape[0])
+  n_groups = layout.tile_expert_G.shape[0]
+  token_of_slot = jnp.append(jnp.arange(n_tokens * top_k, dtype=jnp.int32) // top_k, 0)
+  live_R = (layout.slot_of_row_R < n_tokens * top_k)[:, None]
+  x_RD = jnp.where(live_R, x_WD[token_of_slot[layout.slot_of_row_R]], 0)
+  x_GMD = x_RD.reshape(n_groups, layout.rows, -1)
+
+  def gmm(a, w):
+    return ops.grouped_matmul(a, w, layout.tile_expert_G, layout.n_tiles, impl)
+
+  h_GMF = nn.silu(gmm(x_GMD, w1_EDF)) * gmm(x_GMD, w3_EDF)
+  y_RD = gmm(h_GMF, w2_EFD).reshape(n_groups * layout.rows, -1)
+  y_WKD = y_RD[layout.row_of_slot_N].reshape(n_tokens, top_k, -1)
+  return jnp.einsum("wk,wkd->wd", routing.weights_WK, y_WKD.astype(jnp.float32)).astype(x_WD.dtype)
+
+
+Dispatch = Callable[..., jax.Array]
+
+
+class RoutedExperts(nn.Module):
+  """The n_routed_experts SwiGLU experts as stacked weights [E, ...], sharded on the expert axis."""
+
+  cfg: config_lib.ModelConfig
+  dispatch: Dispatch = local_dispatch
+  impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x_WD: jax.Array, routing: Routing) -> jax.Array:
+    c = self.cfg
+
+    def weight(name, shape, axes):
+      init = nn.with_logical_partitioning(nn.initializers.normal(c.init_std), axes)
+      return self.param(name, init, shape, c.weight_dtype).astype(c.compute_dtype)
+
+    e, d, f = c.n_routed_experts, c.dim, c.moe_inter_dim
+    w1 = weight("w1", (e, d, f), ("expert", "embed", "mlp"))
+    w3 = weight("w3", (e, d, f), ("expert", "embed", "mlp"))
+    w2 = weight("w2", (e, f, d), ("expert", "mlp", "embed"))
+    return self.dispatch(x_WD.astype(c.compute_dtype), routing, w1, w3, w2, impl=self.impl)
+
+
+class MoE(nn.Module):
+  """y = sum_k g_k Expert_k(x) + Shared(x), with load statistics for balancing."""
+
+  cfg: config_lib.ModelConfig
+  impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x_BSD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    c = self.cfg
+    batch, seq, dim = x_BSD.shape
+    x_WD = x_BSD.reshape(batch * seq, dim)
+    routing = Router(c, name="gate")(x_WD)
+    self.sow("intermediates", "selected_experts", routing.experts_WK.reshape(batch, seq, -1))
+    y_WD = RoutedExperts(c, impl=self.impl, name="experts")(x_WD, routing)
+    if c.n_shared_experts:
+      y_WD = y_WD + layers.MLP(c, c.n_shared_experts * c.moe_inter_dim, name="shared_experts")(x_WD)
+    return y_WD.reshape(batch, seq, dim), load_statistics(routing, batch, c)
+
+
+def load_statistics(routing: Routing, batch: int, cfg: config_lib.ModelConfig) -> dict[str, jax.Array]:
+  """Per-expert token counts [E] and the sequence-wise balance term sum_i f_i P_i (paper eq. 17-20).
+
+  f_i = E / (K T) * #(tokens of the sequence routed to i), P_i = mean over the sequence of the
+  normalised affinity s_i / sum_j s_j; the term is averaged over sequences (alpha is applied by the loss).
+  """
+  n_experts, top_k = cfg.n_routed_experts, cfg.n_activated_experts
+  hits_WE = jax.nn.one_hot(routing.experts_WK, n_experts, dtype=jnp.float32).sum(1)
+  hits_BSE = hits_WE.reshape(batch, -1, n_experts)
+  seq = hits_BSE.shape[1]
+  f_BE = hits_BSE.sum(1) * n_experts / (top_k * seq)
+  affinity_BSE = (routing.scores_WE / routing.scores_WE.sum(-1, keepdims=True)).reshape(batch, seq, n_experts)
+  p_BE = affinity_BSE.mean(1)
+  return {"expert_load": hits_WE.sum(0), "seq_balance": jnp.mean(jnp.sum(f_BE * p_BE, -1))}

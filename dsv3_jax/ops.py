@@ -1,0 +1,91 @@
+"""One entry per heavy op, each selecting its implementation by name.
+
+Model code calls these and never imports a kernel. Today:
+- `grouped_matmul`: the routed experts' GEMM over expert-contiguous row tiles.
+  impl="xla"        a scan over tiles that skips empty ones: cost grows with routed rows only.
+  impl="ragged_dot" `jax.lax.ragged_dot` on the same layout: a reference, since XLA lowers it to
+                    about one dense matmul per group (cost grows with the number of experts).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+GROUPED_MATMUL_IMPLS = ("xla", "ragged_dot")
+
+
+def grouped_matmul(x_GMD: jax.Array, w_EDF: jax.Array, tile_expert_G: jax.Array, n_tiles: jax.Array,
+                   impl: str = "xla") -> jax.Array:
+  """y[g] = x[g] @ w[tile_expert[g]] for the first n_tiles tiles; later (padding) tiles give zeros.
+
+  x_GMD holds G tiles of M rows, each tile owned by one expert; tiles of one expert are contiguous
+  and tile_expert_G is non-decreasing over the first n_tiles tiles.
+  """
+  if impl == "xla":
+    return _scan_grouped_matmul(x_GMD, w_EDF, tile_expert_G, n_tiles)
+  if impl == "ragged_dot":
+    return _ragged_grouped_matmul(x_GMD, w_EDF, tile_expert_G, n_tiles)
+  raise ValueError(f"grouped_matmul impl {impl!r} is not one of {GROUPED_MATMUL_IMPLS}")
+
+
+def _ragged_grouped_matmul(x_GMD, w_EDF, tile_expert_G, n_tiles):
+  n_groups, rows, _ = x_GMD.shape
+  live_G = jnp.arange(n_groups) < n_tiles
+  group_sizes_E = jnp.zeros(w_EDF.shape[0], jnp.int32).at[tile_expert_G].add(live_G * rows)
+  y = jax.lax.ragged_dot(x_GMD.reshape(n_groups * rows, -1), w_EDF, group_sizes_E)
+  return jnp.where(live_G[:, None, None], y.reshape(n_groups, rows, -1), 0).astype(x_GMD.dtype)
+
+
+@jax.custom_vjp
+def _scan_grouped_matmul(x_GMD, w_EDF, tile_expert_G, n_tiles):
+  def tile(_, xs):
+    x_MD, expert, g = xs
+    y_MF = jax.lax.cond(g < n_tiles,
+                        lambda: jnp.dot(x_MD, w_EDF[expert].astype(x_MD.dtype)),
+                        lambda: jnp.zeros((x_MD.shape[0], w_EDF.shape[2]), x_MD.dtype))
+    return None, y_MF
+
+  _, y_GMF = jax.lax.scan(tile, None, (x_GMD, tile_expert_G, jnp.arange(x_GMD.shape[0])))
+  return y_GMF
+
+
+def _scan_grouped_matmul_fwd(x_GMD, w_EDF, tile_expert_G, n_tiles):
+  return _scan_grouped_matmul(x_GMD, w_EDF, tile_expert_G, n_tiles), (x_GMD, w_EDF, tile_expert_G, n_tiles)
+
+
+def _scan_grouped_matmul_bwd(res, dy_GMF):
+  """dx[g] = dy[g] @ w[e]^T and dw[e] += x[g]^T @ dy[g], again skipping empty tiles."""
+  x_GMD, w_EDF, tile_expert_G, n_tiles = res
+
+  def tile(dw_EDF, xs):
+    x_MD, dy_MF, expert, g = xs
+
+    def live(dw_EDF):
+      dx_MD = jnp.dot(dy_MF, w_EDF[expert].T.astype(dy_MF.dtype)).astype(x_MD.dtype)
+      dw_DF = jnp.dot(x_MD.T, dy_MF, preferred_element_type=jnp.float32)
+      return dw_EDF.at[expert].add(dw_DF), dx_MD
+
+    return jax.lax.cond(g < n_tiles, live, lambda dw: (dw, jnp.zeros_like(x_MD)), dw_EDF)
+
+  dw_EDF, dx_GMD = jax.lax.scan(tile, jnp.zeros(w_EDF.shape, jnp.float32),
+                                (x_GMD, dy_GMF, tile_expert_G, jnp.arange(x_GMD.shape[0])))
+  return dx_GMD, dw_EDF.astype(w_EDF.dtype), None, None
+
+
+_scan_grouped_matmul.defvjp(_scan_grouped_matmul_fwd, _scan_grouped_matmul_bwd)
+
+
+@functools.cache
+def tile_rows(n_slots: int, n_experts: int) -> int:
+  """Rows per expert tile: about the mean rows per expert, a power of two in [8, 128].
+
+  Each expert wastes less than one tile of padding, so the tile shrinks when experts are many and
+  tokens few, and grows to 128 (DeepGEMM's M-block) when every expert has plenty of rows.
+  """
+  rows = 8
+  while rows < 128 and rows * 2 <= max(n_slots // n_experts, 1):
+    rows *= 2
+  return rows
