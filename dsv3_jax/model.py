@@ -118,5 +118,4 @@ def init_cache(cfg: config_lib.ModelConfig, batch: int, length: int, dtype=None)
 def init(cfg: config_lib.ModelConfig, rng: jax.Array, **model_kwargs) -> dict:
   """Initial variables {"params", "routing"} (unboxed from their logical-partitioning metadata)."""
   model = Transformer(cfg, **model_kwargs)
-  variables = model.init(rng, jnp.zeros((1, 2), jnp.int32))
-  return nn.unbox(variables)
+  return jax.jit(lambda r: nn.unbox(model.init(r, jnp.zeros((1, 2), jnp.int32))))(rng)

@@ -60,12 +60,13 @@ def test_variant_architectures_match(overrides):
 def _decode(variables, cfg, tokens, prefill):
   """Prefill `prefill` tokens, then decode the rest one at a time; returns logits of every step."""
   model = model_lib.Transformer(cfg)
+  step_fn = jax.jit(lambda v, t, p, c: model.apply(v, t, p, cache=c))
   batch, seq = tokens.shape
-  cache = model_lib.init_cache(cfg, batch, seq)
-  out = model.apply(variables, tokens[:, :prefill], cache=cache)
+  positions = np.broadcast_to(np.arange(seq), (batch, seq))
+  out = step_fn(variables, tokens[:, :prefill], positions[:, :prefill], model_lib.init_cache(cfg, batch, seq))
   logits, cache = [out.logits], out.cache
   for t in range(prefill, seq):
-    out = model.apply(variables, tokens[:, t:t + 1], jnp.full((batch, 1), t), cache=cache)
+    out = step_fn(variables, tokens[:, t:t + 1], positions[:, t:t + 1], cache)
     logits.append(out.logits)
     cache = out.cache
   return np.concatenate(logits, axis=1)
@@ -85,23 +86,21 @@ def test_ragged_batch_decode_matches_each_sequence_alone(reference):
   """Two prompts of different lengths share a batch: padding never leaks into attention."""
   cfg, _, _, variables = reference
   model = model_lib.Transformer(cfg)
-  lengths = [3, 6]
-  steps = 3
+  step_fn = jax.jit(lambda v, t, p, c: model.apply(v, t, p, cache=c))
+  full_fn = jax.jit(lambda v, t: model.apply(v, t, with_mtp=False).logits)
+  lengths, steps = [3, 6], 3
   padded = np.zeros((2, 6), np.int32)
   for b, n in enumerate(lengths):
     padded[b, :n] = TOKENS[b, :n]
-  cache = model_lib.init_cache(cfg, 2, 6 + steps)
-  out = model.apply(variables, padded, cache=cache)
-  cache = out.cache
+  positions = np.broadcast_to(np.arange(6), (2, 6))
+  cache = step_fn(variables, padded, positions, model_lib.init_cache(cfg, 2, 6 + steps)).cache
   next_tok = np.array([TOKENS[b, n - 1] for b, n in enumerate(lengths)])  # any token works as a probe
   for step in range(steps):
-    positions = np.array([[n + step] for n in lengths])
-    out = model.apply(variables, next_tok[:, None], positions, cache=cache)
+    out = step_fn(variables, next_tok[:, None], np.array([[n + step] for n in lengths]), cache)
     cache = out.cache
     for b, n in enumerate(lengths):
       alone = np.concatenate([TOKENS[b, :n], np.repeat(next_tok[b], step + 1)])[None]
-      want = model.apply(variables, alone, with_mtp=False).logits[0, -1]
-      np.testing.assert_allclose(out.logits[b, 0], want, atol=LOGITS_TOL, rtol=0)
+      np.testing.assert_allclose(out.logits[b, 0], full_fn(variables, alone)[0, -1], atol=LOGITS_TOL, rtol=0)
 
 
 def test_padded_prefill_logits_match_unpadded(reference):

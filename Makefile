@@ -1,0 +1,33 @@
+# Two entry points: `make run` (the main job) and `make test`. Both set up .venv on first use.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test lint bench-moe param-count compare-torch clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(PY) -m experiments.forward --preset=small
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+bench-moe: $(VENV)/.installed
+	$(PY) -m experiments.bench_moe
+
+param-count: $(VENV)/.installed
+	$(PY) -m experiments.param_count --preset=deepseek_v3_671b
+
+compare-torch: $(VENV)/.installed
+	$(PY) -m experiments.compare_torch --tiny
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
