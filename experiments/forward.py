@@ -42,7 +42,8 @@ def main(argv):
   step = time.perf_counter() - start
   logp = jax.nn.log_softmax(out.logits[:, :-1])
   nll = -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
-  print(f"logits {out.logits.shape}, next-token loss at init {float(nll):.3f} (ln vocab = {np.log(cfg.vocab_size):.3f})")
+  print(f"logits {out.logits.shape}, next-token loss at init {float(nll):.3f} "
+        f"(ln vocab = {np.log(cfg.vocab_size):.3f})")
   print(f"forward: first call {compile_and_run:.2f}s (with compile), then {step * 1e3:.1f} ms "
         f"= {_BATCH.value * _SEQ_LEN.value / step:,.0f} tokens/s")
 

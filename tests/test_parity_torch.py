@@ -5,7 +5,6 @@ Tolerances are fixed (STYLE rule 11): 1e-5 on logits, 1e-4 on composite hidden s
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
