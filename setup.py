@@ -21,6 +21,8 @@ setuptools.setup(
         "numpy==2.4.6",
         "safetensors==0.8.0",
         "tokenizers==0.23.3",
+        "tensorboardX==2.6.5",
+        "matplotlib==3.11.2",
     ],
     extras_require={
         "test": [

@@ -56,12 +56,13 @@ class Transformer(nn.Module):
     self.mtp = [mtp_lib.MTPModule(c, impl=self.impl) for _ in range(c.n_mtp_layers)]  # mtp_0, mtp_1, ...
 
   def __call__(self, tokens_BS: jax.Array, positions_BS: jax.Array | None = None,
-               token_mask_BS: jax.Array | None = None, *, cache: dict[str, mla.LatentCache] | None = None,
-               with_mtp: bool = True) -> Output:
+               token_mask_BS: jax.Array | None = None, *, segment_ids_BS: jax.Array | None = None,
+               cache: dict[str, mla.LatentCache] | None = None, with_mtp: bool = True) -> Output:
     """Forward pass.
 
     Without a cache: causal attention over the given tokens (positions default to 0..S-1;
-    token_mask hides padding keys). With a cache (see `init_cache`): the new tokens are written at
+    token_mask hides padding keys; segment_ids, when given, keep packed documents from attending to
+    each other). With a cache (see `init_cache`): the new tokens are written at
     their positions and attend over the cache through the absorbed path; MTP is skipped.
     """
     batch, seq = tokens_BS.shape
@@ -72,6 +73,8 @@ class Transformer(nn.Module):
       mask_BST = positions_BS[:, None, :] <= positions_BS[:, :, None]
       if token_mask_BS is not None:
         mask_BST = mask_BST & token_mask_BS[:, None, :].astype(bool)
+      if segment_ids_BS is not None:
+        mask_BST = mask_BST & (segment_ids_BS[:, None, :] == segment_ids_BS[:, :, None])
     h_BSD, stats, cache = self._trunk(self.embed(tokens_BS), positions_BS, mask_BST, cache)
     h_BSD = self.norm(h_BSD)
     logits = layers.head_logits(h_BSD, self.head)

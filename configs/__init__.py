@@ -1,0 +1,1 @@
+"""Run configurations (ml_collections), loaded with `--config=configs/<name>.py`."""
