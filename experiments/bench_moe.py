@@ -1,6 +1,6 @@
 """Times the MoE layer's forward + backward against the number of routed experts, ours beside ragged_dot.
 
-  python -m experiments.bench_moe                                  # about 2-3 minutes on 2 CPU cores
+  python -m experiments.bench_moe                                  # about 1.5 minutes on 2 CPU cores
   python -m experiments.bench_moe --tokens=4096 --experts=8,256 --impls=xla --json_out=/tmp/moe.json
 
 Each case jits value_and_grad of sum(y^2) w.r.t. x and the expert weights (routed and shared) of
@@ -32,7 +32,7 @@ _TOKENS = flags.DEFINE_list("tokens", ["256", "1024", "4096"], "Token counts (ba
 _EXPERTS = flags.DEFINE_list("experts", ["8", "64", "256"], "Numbers of routed experts to time.")
 _IMPLS = flags.DEFINE_list("impls", list(ops.GROUPED_MATMUL_IMPLS), "grouped_matmul implementations.")
 _REPS = flags.DEFINE_integer("reps", 5, "Timed repetitions per case, after --warmup untimed ones.")
-_RAGGED_REPS = flags.DEFINE_integer("ragged_reps", 2, "Timed repetitions for impl=ragged_dot (slow on CPU).")
+_RAGGED_REPS = flags.DEFINE_integer("ragged_reps", 1, "Timed repetitions for impl=ragged_dot (slow on CPU).")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed runs per case after compilation.")
 _MAX_CASE_S = flags.DEFINE_float("max_case_s", 10.0, "Stop repeating a case once its timed runs exceed this.")
 _MAX_TEMP_GB = flags.DEFINE_float("max_temp_gb", 8.0, "Skip a case whose compiled scratch memory exceeds this.")
@@ -71,11 +71,15 @@ def _step_fn(layer: moe.MoE, variables: dict[str, Any]):
 
 
 def _padding(layer: moe.MoE, variables: dict[str, Any], x_BSD: jax.Array) -> float:
-  """Computed rows (live tiles x tile rows) per routed slot: 1.0 means no padding."""
-  _, state = layer.apply(variables, x_BSD, mutable=["intermediates"])
-  experts_N = state["intermediates"]["selected_experts"][0].reshape(-1)
-  layout = jax.jit(moe.tile_layout, static_argnums=1)(experts_N, layer.cfg.n_routed_experts)
-  return float(layout.n_tiles) * layout.rows / experts_N.shape[0]
+  """Rows the tiles compute (live tiles x tile rows) per routed slot, for this input: 1.0 is no padding."""
+
+  def live_rows(variables, x_BSD):
+    _, state = layer.apply(variables, x_BSD, mutable=["intermediates"])
+    experts_N = state["intermediates"]["selected_experts"][0].reshape(-1)
+    layout = moe.tile_layout(experts_N, layer.cfg.n_routed_experts)
+    return layout.n_tiles * layout.rows / experts_N.shape[0]
+
+  return float(jax.jit(live_rows)(variables, x_BSD))
 
 
 def _time_case(n_tokens: int, n_experts: int, impl: str) -> dict[str, Any]:
@@ -83,7 +87,7 @@ def _time_case(n_tokens: int, n_experts: int, impl: str) -> dict[str, Any]:
   layer = moe.MoE(cfg, impl=impl)
   key_x, key_init = jax.random.split(jax.random.key(_SEED.value))
   x_BSD = jax.random.normal(key_x, (_BATCH.value, n_tokens // _BATCH.value, cfg.dim), jnp.float32)
-  variables = layer.init(key_init, x_BSD)
+  variables = jax.jit(layer.init)(key_init, x_BSD)
   step, trained = _step_fn(layer, variables)
   record = dict(tokens=n_tokens, experts=n_experts, impl=impl, groups=cfg.n_expert_groups,
                 rows_per_tile=ops.tile_rows(n_tokens * cfg.n_activated_experts, n_experts))
@@ -133,11 +137,14 @@ def _ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def main(argv):
   del argv
+  if any(int(t) % _BATCH.value for t in _TOKENS.value):
+    raise app.UsageError(f"--batch={_BATCH.value} must divide every --tokens value")
   logging.info("jax %s, %d device(s) (%s), %d CPU core(s)", jax.__version__, jax.device_count(),
                jax.devices()[0].platform, os.cpu_count())
   print(f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"{os.cpu_count()} CPU core(s); dim {_DIM.value}, moe_inter_dim {_INTER.value}, top-{_TOP_K.value}, "
-        f"{_SHARED.value} shared; forward + backward of sum(y^2) w.r.t. x and expert weights")
+        f"{_SHARED.value} shared; forward + backward of sum(y^2) w.r.t. x and expert weights; "
+        f"load average {os.getloadavg()[0]:.1f}")
   print(f"{'tokens':>7} {'E':>4} {'impl':>11} {'M':>4} {'pad':>5} {'median_ms':>10} {'min_ms':>9} {'max_ms':>9} "
         f"{'reps':>4} {'compile_s':>8}")
   records = []
