@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint bench-moe param-count compare-torch clean
+.PHONY: run test lint bench-moe param-count compare-torch plot clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +12,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 run: $(VENV)/.installed
-	$(PY) -m experiments.forward --preset=small
+	$(PY) -m experiments.train --config=configs/small_cpu.py --workdir=workdir/small_cpu
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
@@ -28,6 +28,9 @@ param-count: $(VENV)/.installed
 
 compare-torch: $(VENV)/.installed
 	$(PY) -m experiments.compare_torch --tiny
+
+plot: $(VENV)/.installed
+	$(PY) -m experiments.plot --workdir=workdir/small_cpu
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -12,19 +12,20 @@ from configs import base
 
 def get_config():
   c = base.get_config()
-  c.data.seq_len = 256
-  c.data.batch_size = 8
+  c.data.seq_len = 128
+  c.data.batch_size = 16
   c.data.max_bytes = 8_000_000
-  c.optimizer.lr = 2e-3
+  c.optimizer.lr = 3e-3
   c.optimizer.warmup_steps = 50
   c.optimizer.decay_start_step = 300
-  c.optimizer.decay_steps = 300
-  c.optimizer.decay_end_lr = 2e-4
-  c.optimizer.tail_start_step = 600
-  c.optimizer.tail_lr = 2e-4
-  c.train.steps = 600
-  c.train.log_every = 20
-  c.train.eval_every = 200
-  c.train.eval_batches = 8
-  c.train.checkpoint_every = 200
+  c.optimizer.decay_steps = 600
+  c.optimizer.decay_end_lr = 3e-4
+  c.optimizer.tail_start_step = 900
+  c.optimizer.tail_lr = 3e-4
+  c.balance.gamma = 5e-3  # 5x the paper's: this run's learning rate is 14x the paper's and it lasts 900 steps
+  c.train.steps = 900
+  c.train.log_every = 25
+  c.train.eval_every = 300
+  c.train.eval_batches = 16
+  c.train.checkpoint_every = 300
   return c

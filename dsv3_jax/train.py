@@ -143,7 +143,7 @@ def init_state(cfg, config, tx) -> TrainState:
     variables = model_lib.init(cfg, init_rng, impl=config.train.impl)
     params = variables["params"]
     return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
-                      routing=variables["routing"], rng=state_rng, nonfinite=jnp.zeros([], jnp.int32))
+                      routing=variables.get("routing", {}), rng=state_rng, nonfinite=jnp.zeros([], jnp.int32))
 
   return init()
 
