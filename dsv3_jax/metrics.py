@@ -183,6 +183,7 @@ def _record_step(line: str) -> float:
 # scalar key -> how the progress line shows it, in display order.
 _PROGRESS_FIELDS: dict[str, Callable[[float], str]] = {
     "loss": lambda v: f"loss {v:.4f}",
+    "ce": lambda v: f"ce {v:.4f}",
     "mtp_loss": lambda v: f"mtp {v:.4f}",
     "lr": lambda v: f"lr {v:.2e}",
     "grad_norm": lambda v: f"gnorm {v:.3f}",
@@ -195,7 +196,7 @@ _PROGRESS_FIELDS: dict[str, Callable[[float], str]] = {
 class Progress:
   """One console line per call: step/total, the known scalars present, and an ETA from recent step times.
 
-  Shown scalar keys: loss, mtp_loss, lr, grad_norm, tokens_per_s, model_flops_per_s (model FLOPs achieved,
+  Shown scalar keys: loss, ce, mtp_loss, lr, grad_norm, tokens_per_s, model_flops_per_s (model FLOPs achieved,
   e.g. tokens_per_s * model_flops_per_token), maxvio_mean; others are ignored. Step times are measured between
   calls, so the time before the first call (compilation) never enters the ETA.
   """

@@ -161,3 +161,14 @@ def test_out_of_vocab_token_ids_are_refused(reference):
     model_lib.Transformer(cfg).apply(variables, bad)
   with pytest.raises(ValueError, match="id -1"):
     model_lib.Transformer(cfg).apply(variables, -np.ones((1, 2), np.int32))
+
+
+def test_compare_tool_loads_a_saved_hf_checkpoint(tmp_path):
+  """`compare_torch --hf_dir` path: a checkpoint written by save_pretrained loads and matches."""
+  cfg = config.tiny(n_mtp_layers=0)
+  hf = torch_parity.tiny_hf_model(cfg, seed=5)
+  hf.save_pretrained(tmp_path)
+  loaded_cfg, loaded = torch_parity.load_hf_dir(str(tmp_path))
+  assert loaded_cfg == cfg
+  report = torch_parity.compare(loaded, torch_parity.variables_from_hf(loaded, loaded_cfg), loaded_cfg, TOKENS)
+  assert report.ok(LOGITS_TOL), report
