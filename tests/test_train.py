@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from configs import tiny_cpu
@@ -181,3 +182,27 @@ def test_learning_rate_shape():
   lr = optimizer.learning_rate(o)
   np.testing.assert_allclose([lr(s) for s in (0, 5, 10, 19, 25, 30, 39, 40, 99)],
                              [0, .5, 1, 1, .55, .1, .1, .03, .03], atol=1e-6)
+
+
+def test_adam_matches_optax_and_bf16_moments_stay_close():
+  o = ml_collections.ConfigDict(dict(lr=1e-2, warmup_steps=0, decay_start_step=100, decay_steps=10, decay_end_lr=1e-3,
+                                     tail_start_step=200, tail_lr=1e-3, b1=0.9, b2=0.95, eps=1e-8,
+                                     weight_decay=0.1, grad_clip=1.0, bf16_moments=False))
+  params = {"w": {"kernel": jnp.linspace(-1, 1, 12).reshape(3, 4)}, "n": {"weight": jnp.ones(4)}}
+  grads = jax.tree.map(lambda p: 0.1 * jnp.cos(3 * p), params)
+  reference = optax.chain(optax.clip_by_global_norm(1.0),
+                          optax.adamw(optimizer.learning_rate(o), b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
+                                      mask=optimizer.decay_mask))
+  ours = optimizer.make(o)
+  o.bf16_moments = True
+  low = optimizer.make(o)
+  states = [tx.init(params) for tx in (reference, ours, low)]
+  for _ in range(3):
+    updates = []
+    for i, tx in enumerate((reference, ours, low)):
+      u, states[i] = tx.update(grads, states[i], params)
+      updates.append(u)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), updates[1], updates[0])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-2, atol=1e-6), updates[2], updates[0])
+  assert all(m.dtype == jnp.bfloat16 for m in jax.tree.leaves(states[2][1].mu))
+  assert all(v.dtype == jnp.bfloat16 for v in jax.tree.leaves(states[2][1].nu))
