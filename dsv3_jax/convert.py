@@ -90,35 +90,58 @@ class _Reader:
     return array
 
 
-def _read_experts(read: _Reader, prefix: str, cfg: config_lib.ModelConfig) -> dict[Path, np.ndarray]:
+def _expert_tensors(read: _Reader, prefix: str, cfg: config_lib.ModelConfig):
+  """Yields (path, expert index, array): one expert's matrix at a time, or all of them when fused."""
   e, d, f = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
   if prefix + "mlp.experts.gate_up_proj" in read.state:
     gate_up = read(prefix + "mlp.experts.gate_up_proj", (e, 2 * f, d))
-    down = read(prefix + "mlp.experts.down_proj", (e, d, f))
-    return {("ffn", "experts", "w1"): gate_up[:, :f].transpose(0, 2, 1),
-            ("ffn", "experts", "w3"): gate_up[:, f:].transpose(0, 2, 1),
-            ("ffn", "experts", "w2"): down.transpose(0, 2, 1)}
-  out = {}
+    yield ("ffn", "experts", "w1"), slice(None), gate_up[:, :f].transpose(0, 2, 1)
+    yield ("ffn", "experts", "w3"), slice(None), gate_up[:, f:].transpose(0, 2, 1)
+    yield ("ffn", "experts", "w2"), slice(None), read(prefix + "mlp.experts.down_proj", (e, d, f)).transpose(0, 2, 1)
+    return
   for hf, ours in _EXPERTS:
     shape = (f, d) if ours == "w2" else (d, f)
-    out[("ffn", "experts", ours)] = np.stack(
-        [read(f"{prefix}mlp.experts.{i}.{hf}.weight", shape, transpose=True) for i in range(e)])
-  return out
+    for i in range(e):
+      yield ("ffn", "experts", ours), i, read(f"{prefix}mlp.experts.{i}.{hf}.weight", shape, transpose=True)
 
 
-def _read_block(read: _Reader, prefix: str, cfg: config_lib.ModelConfig, moe: bool, shapes) -> dict:
-  params = {path: read(prefix + hf, shapes.get(path), transpose=t) for hf, path, t in _layer_rules(cfg, moe)}
-  routing = {}
+def _block_tensors(read: _Reader, prefix: str, cfg: config_lib.ModelConfig, moe: bool, shapes):
+  """Yields (collection, path, expert index or None, array) for one decoder layer, one tensor at a time."""
+  for hf, path, t in _layer_rules(cfg, moe):
+    yield "params", path, None, read(prefix + hf, shapes.get(path), transpose=t)
   if moe:
-    params.update(_read_experts(read, prefix, cfg))
-    routing[("ffn", "gate", "bias")] = read(prefix + _BIAS, (cfg.n_routed_experts,)).astype(np.float32)
-  return {"params": params, "routing": routing}
+    for path, expert, value in _expert_tensors(read, prefix, cfg):
+      yield "params", path, expert, value
+    yield "routing", ("ffn", "gate", "bias"), None, read(prefix + _BIAS, (cfg.n_routed_experts,)).astype(np.float32)
+
+
+def _put(out: dict, col: str, path: Path, index: tuple, expert, value: np.ndarray, n_experts: int, lead=()) -> None:
+  """Writes one tensor into its slot of the (preallocated on first use) output array."""
+  if path not in out[col]:
+    per_expert = isinstance(expert, int)
+    out[col][path] = np.empty((*lead, *((n_experts,) if per_expert else ()), *value.shape), value.dtype)
+  slot = (*index, *(() if expert is None else (expert,)))
+  if out[col][path][slot].shape != value.shape:
+    raise ConversionError(f"{'/'.join(path)} at {slot}: shape {value.shape} differs from the other layers' "
+                          f"{out[col][path][slot].shape}")
+  out[col][path][slot] = value
+
+
+def _read_stack(read: _Reader, cfg: config_lib.ModelConfig, stack: str, n: int, moe: bool, shapes) -> dict:
+  """A layer stack, written tensor by tensor into [n_layers, ...] arrays (no per-layer copies)."""
+  out = {"params": {}, "routing": {}}
+  for i in range(n):
+    for col, path, expert, value in _block_tensors(read, _hf_layer_name(cfg, stack, i), cfg, moe, shapes):
+      _put(out, col, path, (i,), expert, value, cfg.n_routed_experts, lead=(n,))
+  return out
 
 
 def params_from_hf(state: Mapping[str, np.ndarray], cfg: config_lib.ModelConfig,
                    abstract: dict | None = None) -> dict:
   """Our variables {"params", "routing"} from a HF state dict (numpy arrays, any float dtype).
 
+  `state` may be lazy (tensors read on access): each tensor is read once and written straight into
+  its slot of the output, so at most one checkpoint tensor is held besides the output.
   `abstract` (e.g. `jax.eval_shape` of the init) supplies expected shapes; every checkpoint tensor
   must be used, except the MTP layers' embedding/head copies, and those must match the main ones.
   """
@@ -129,18 +152,17 @@ def params_from_hf(state: Mapping[str, np.ndarray], cfg: config_lib.ModelConfig,
             "head": read("lm_head.weight", (cfg.dim, cfg.vocab_size), transpose=True)}
   routing = {}
   for stack, n, moe in _stacks(cfg):
-    blocks = [_read_block(read, _hf_layer_name(cfg, stack, i), cfg, moe, expected.get(stack, {}))
-              for i in range(n)]
-    stacked = {col: {p: np.stack([b[col][p] for b in blocks]) for p in blocks[0][col]} for col in blocks[0]}
+    stacked = _read_stack(read, cfg, stack, n, moe, expected.get(stack, {}))
     _nest(params, stack, stacked["params"])
     _nest(routing, stack, stacked["routing"])
   for k in range(cfg.n_mtp_layers):
     prefix = f"model.layers.{cfg.n_layers + k}."
-    block = _read_block(read, prefix, cfg, True, {})
-    mtp = {("block", *p): v for p, v in block["params"].items()}
-    mtp.update({path: read(prefix + hf, transpose=t) for hf, path, t in _MTP})
-    _nest(params, f"mtp_{k}", mtp)
-    _nest(routing, f"mtp_{k}", {("block", *p): v for p, v in block["routing"].items()})
+    block = {"params": {}, "routing": {}}
+    for col, path, expert, value in _block_tensors(read, prefix, cfg, True, {}):
+      _put(block, col, ("block", *path), (), expert, value, cfg.n_routed_experts)
+    block["params"].update({path: read(prefix + hf, transpose=t) for hf, path, t in _MTP})
+    _nest(params, f"mtp_{k}", block["params"])
+    _nest(routing, f"mtp_{k}", block["routing"])
     _check_mtp_copies(read, prefix)
   unused = sorted(set(state) - read.used)
   if unused:
