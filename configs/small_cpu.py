@@ -3,8 +3,8 @@ on this Python's standard-library sources. It is what `make run` does.
 
   python -m experiments.train --config=configs/small_cpu.py --workdir=workdir/small_cpu
 
-Runtime: about 10 minutes on a 2-core CPU (see README for the measured figures). Expected: held-out
-loss well below the corpus' byte unigram entropy (about 3.3 nats), and samples that look like Python.
+Runtime: about 10 minutes on a 2-core CPU (measured 9 min 20 s from a fresh clone). Expected: held-out
+loss well below the corpus' byte unigram entropy of 3.26 nats (measured 1.38), and Python-like samples.
 """
 
 from configs import base
