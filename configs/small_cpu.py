@@ -1,4 +1,4 @@
-"""The default run: the small preset (byte-level, 8 layers, 16 experts top-4, MTP depth 1) trained
+"""The default run: the small preset (byte-level, 4 layers, 32 experts top-2, MTP depth 1) trained
 on this Python's standard-library sources. It is what `make run` does.
 
   python -m experiments.train --config=configs/small_cpu.py --workdir=workdir/small_cpu
