@@ -32,14 +32,21 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BSD: jax.Array, cache: mla.LatentCache | None, positions_BS: jax.Array,
                mask_BST: jax.Array | None):
-    """Returns (x, (load statistics, updated cache)); with a cache, attention takes the absorbed path."""
+    """Returns (x, (load statistics, updated cache)).
+
+    Attention: no cache, the expanded path under mask_BST; a cache and a mask (prefill), the
+    expanded path that also writes the latents; a cache without a mask (decode), the absorbed path.
+    """
     c = self.cfg
     attn = mla.MLA(c, name="attn")
     h_BSD = layers.RMSNorm(c, c.dim, name="attn_norm")(x_BSD)
     if cache is None:
       x_BSD = x_BSD + attn(h_BSD, positions_BS, mask_BST)
     else:
-      out_BSD, cache = attn.absorbed(h_BSD, positions_BS, cache)
+      if mask_BST is None:
+        out_BSD, cache = attn.absorbed(h_BSD, positions_BS, cache)
+      else:
+        out_BSD, cache = attn(h_BSD, positions_BS, mask_BST, cache)
       x_BSD = x_BSD + out_BSD
     h_BSD = layers.RMSNorm(c, c.dim, name="ffn_norm")(x_BSD)
     if self.moe:

@@ -64,18 +64,26 @@ class MLA(nn.Module):
     scores = jnp.where(mask_BST[:, None], scores, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(scores, axis=-1).astype(self.cfg.compute_dtype)
 
-  def __call__(self, x_BSD: jax.Array, positions_BS: jax.Array, mask_BST: jax.Array) -> jax.Array:
-    """Training/prefill path; mask_BST[b, s, t] says whether query s may attend to key t."""
+  def __call__(self, x_BSD: jax.Array, positions_BS: jax.Array, mask_BST: jax.Array,
+               cache: LatentCache | None = None) -> jax.Array | tuple[jax.Array, LatentCache]:
+    """Training/prefill path; mask_BST[b, s, t] says whether query s may attend to key t.
+
+    With a cache (prefill): the tokens attend among themselves as in training, and their latents
+    are also written into the cache at their positions; returns (output, cache).
+    """
     c = self.cfg
     cos, sin = rope.rotation(c, positions_BS)
     q_nope_BSHK, q_pe_BSHR = self._queries(x_BSD, cos, sin)
     kv_latent_BTC, k_pe_BTR = self._latents(x_BSD, cos, sin)
+    if cache is not None:
+      cache = _write_cache(cache, kv_latent_BTC, k_pe_BTR, positions_BS[:, 0])
     kv_BTHK = self.wkv_b(kv_latent_BTC).reshape(*kv_latent_BTC.shape[:2], c.n_heads, -1)
     k_nope_BTHK, v_BTHV = jnp.split(kv_BTHK, [c.qk_nope_head_dim], axis=-1)
     scores = (jnp.einsum("bshk,bthk->bhst", q_nope_BSHK, k_nope_BTHK)
               + jnp.einsum("bshr,btr->bhst", q_pe_BSHR, k_pe_BTR))
     out_BSHV = jnp.einsum("bhst,bthv->bshv", self._probs(scores, mask_BST), v_BTHV)
-    return self.wo(out_BSHV.reshape(*x_BSD.shape[:2], -1))
+    out_BSD = self.wo(out_BSHV.reshape(*x_BSD.shape[:2], -1))
+    return out_BSD if cache is None else (out_BSD, cache)
 
   def absorbed(self, x_BSD: jax.Array, positions_BS: jax.Array,
                cache: LatentCache) -> tuple[jax.Array, LatentCache]:

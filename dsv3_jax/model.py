@@ -31,6 +31,7 @@ class Output(NamedTuple):
   mtp_logits: jax.Array | None  # [n_mtp_layers, B, S, vocab] fp32; depth k at i predicts token i+k+1
   stats: dict[str, jax.Array]  # expert_load [n_moe + n_mtp, E], seq_balance [n_moe + n_mtp]
   cache: dict[str, mla.LatentCache] | None  # updated latent cache when one was passed in
+  hidden: jax.Array | None = None  # [B, S, D] main-model output after the final norm (feeds MTP)
 
 
 class Transformer(nn.Module):
@@ -57,19 +58,22 @@ class Transformer(nn.Module):
 
   def __call__(self, tokens_BS: jax.Array, positions_BS: jax.Array | None = None,
                token_mask_BS: jax.Array | None = None, *, segment_ids_BS: jax.Array | None = None,
-               cache: dict[str, mla.LatentCache] | None = None, with_mtp: bool = True) -> Output:
+               cache: dict[str, mla.LatentCache] | None = None, prefill: bool = False,
+               with_mtp: bool = True) -> Output:
     """Forward pass.
 
     Without a cache: causal attention over the given tokens (positions default to 0..S-1;
     token_mask hides padding keys; segment_ids, when given, keep packed documents from attending to
-    each other). With a cache (see `init_cache`): the new tokens are written at
-    their positions and attend over the cache through the absorbed path; MTP is skipped.
+    each other). With a cache (see `init_cache`): the new tokens are written at their positions and
+    attend over the cache through the absorbed path; MTP is skipped. With a cache and prefill=True:
+    the tokens are each sequence's first ones (positions from 0); they attend among themselves
+    through the expanded path, as without a cache, and their latents fill the cache.
     """
     batch, seq = tokens_BS.shape
     if positions_BS is None:
       positions_BS = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
     mask_BST = None
-    if cache is None:
+    if cache is None or prefill:
       mask_BST = positions_BS[:, None, :] <= positions_BS[:, :, None]
       if token_mask_BS is not None:
         mask_BST = mask_BST & token_mask_BS[:, None, :].astype(bool)
@@ -82,12 +86,26 @@ class Transformer(nn.Module):
     if with_mtp and cache is None and self.mtp:
       mtp_logits, mtp_stats = self._mtp(tokens_BS, h_BSD, positions_BS, mask_BST)
       stats = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), stats, mtp_stats)
-    return Output(logits, mtp_logits, stats, cache)
+    return Output(logits, mtp_logits, stats, cache, h_BSD)
+
+  def draft(self, next_tokens_BS: jax.Array, hidden_BSD: jax.Array, positions_BS: jax.Array,
+            cache: mla.LatentCache, prefill: bool = False) -> tuple[jax.Array, mla.LatentCache]:
+    """The first MTP depth over its own latent cache: logits for token i+2 at each position i.
+
+    next_tokens_BS[b, s] is token i+1 and hidden_BSD[b, s] the main model's normed output at
+    position i = positions_BS[b, s]. Speculative decoding drafts from these logits. prefill as in
+    `__call__`.
+    """
+    if not self.mtp:
+      raise ValueError("this model has no MTP module (n_mtp_layers = 0) to draft with")
+    mask_BST = (positions_BS[:, None, :] <= positions_BS[:, :, None]) if prefill else None
+    h_BSD, _, cache = self.mtp[0](self.embed(next_tokens_BS), hidden_BSD, positions_BS, mask_BST, cache)
+    return layers.head_logits(h_BSD, self.head), cache
 
   def _trunk(self, x_BSD, positions_BS, mask_BST, cache):
     """The dense stack, then the MoE stack; returns hidden states, MoE statistics and the cache."""
     cache = cache or {}
-    new_cache = {}
+    new_cache = {k: v for k, v in cache.items() if k.startswith("mtp_")}
     stats = {}
     for name in ("dense_layers", "moe_layers"):
       if not hasattr(self, name):
@@ -102,15 +120,22 @@ class Transformer(nn.Module):
     logits, stats = [], []
     for depth, module in enumerate(self.mtp, start=1):
       emb_BSD = self.embed(mtp_lib.shifted_tokens(tokens_BS, depth))
-      h_BSD, layer_stats = module(emb_BSD, h_BSD, positions_BS, mask_BST)
+      h_BSD, layer_stats, _ = module(emb_BSD, h_BSD, positions_BS, mask_BST)
       logits.append(layers.head_logits(h_BSD, self.head))
       stats.append(layer_stats)
     return jnp.stack(logits), jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
 
 
-def init_cache(cfg: config_lib.ModelConfig, batch: int, length: int, dtype=None) -> dict[str, mla.LatentCache]:
-  """An empty latent cache for every layer: {stack name: {"kv": [L, B, T, C], "pe": [L, B, T, R]}}."""
+def init_cache(cfg: config_lib.ModelConfig, batch: int, length: int, dtype=None,
+               with_mtp: bool = False) -> dict[str, mla.LatentCache]:
+  """An empty latent cache for every layer: {stack name: {"kv": [L, B, T, C], "pe": [L, B, T, R]}}.
+
+  with_mtp adds {"mtp_0": {"kv": [B, T, C], "pe": [B, T, R]}} for the first MTP depth (drafting);
+  `Transformer.__call__` ignores that entry and `Transformer.draft` uses only it.
+  """
   cache = {}
+  if with_mtp:
+    cache["mtp_0"] = mla.init_cache(cfg, batch, length, dtype)
   for name, n in (("dense_layers", cfg.n_dense_layers), ("moe_layers", cfg.n_moe_layers)):
     if n:
       one = mla.init_cache(cfg, batch, length, dtype)

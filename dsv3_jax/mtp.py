@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from dsv3_jax import block as block_lib
 from dsv3_jax import config as config_lib
 from dsv3_jax import layers
+from dsv3_jax import mla
 
 
 class MTPModule(nn.Module):
@@ -25,14 +26,15 @@ class MTPModule(nn.Module):
   impl: str = "xla"
 
   @nn.compact
-  def __call__(self, emb_BSD: jax.Array, h_BSD: jax.Array, positions_BS: jax.Array,
-               mask_BST: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, emb_BSD: jax.Array, h_BSD: jax.Array, positions_BS: jax.Array, mask_BST: jax.Array | None,
+               cache: mla.LatentCache | None = None) -> tuple[jax.Array, dict[str, jax.Array], mla.LatentCache | None]:
+    """Returns (normed output, load statistics, updated cache); with a cache attention is absorbed."""
     c = self.cfg
     e = layers.RMSNorm(c, c.dim, name="enorm")(emb_BSD)
     h = layers.RMSNorm(c, c.dim, name="hnorm")(h_BSD)
     x = layers.Linear(c, 2 * c.dim, c.dim, ("mlp", "embed"), name="eh_proj")(jnp.concatenate([e, h], -1))
-    x, (stats, _) = block_lib.Block(c, moe=True, impl=self.impl, name="block")(x, None, positions_BS, mask_BST)
-    return layers.RMSNorm(c, c.dim, name="norm")(x), stats
+    x, (stats, cache) = block_lib.Block(c, moe=True, impl=self.impl, name="block")(x, cache, positions_BS, mask_BST)
+    return layers.RMSNorm(c, c.dim, name="norm")(x), stats, cache
 
 
 def shifted_tokens(tokens_BS: jax.Array, depth: int) -> jax.Array:
