@@ -2,6 +2,12 @@
 
 HF weights are [out, in]; our kernels are [in, out]. HF layer i is our `dense_layers[i]` (i <
 n_dense_layers) or `moe_layers[i - n_dense_layers]`; HF layer n_layers + k is our MTP depth `mtp_k`.
+
+The table is a list of `Entry`s, one per checkpoint tensor: the tensor `name` is `leaf[index]` of one
+of our stacked leaves (`index` picks the layer and, for routed experts, the expert), transposed when
+`transpose`. Everything else reads it: `params_from_hf` and `params_to_hf` for whole state dicts, and
+`hf_checkpoint` for streaming a checkpoint on disk slice by slice onto a mesh.
+
 Routed experts come per expert (`mlp.experts.{e}.gate_proj.weight`, the checkpoint layout) or fused
 (`mlp.experts.gate_up_proj` [E, 2F, D] and `down_proj` [E, D, F], transformers 5.x in memory).
 The MTP layer's copies of the embedding and head are checked against the main ones, never loaded.
@@ -9,15 +15,20 @@ The MTP layer's copies of the embedding and head are checked against the main on
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
+from collections.abc import Iterator
 from collections.abc import Mapping
 
+import jax
 import numpy as np
 
 from dsv3_jax import config as config_lib
+from dsv3_jax import model as model_lib
 
 Path = tuple[str, ...]
+Leaf = tuple[str, Path]  # (collection, path inside it), e.g. ("params", ("moe_layers", "ffn", "experts", "w1"))
 
 # (HF name inside a decoder layer, our path inside a Block, is a [out, in] matrix)
 _ATTENTION = (
@@ -52,10 +63,83 @@ _MTP = (
     ("shared_head.norm.weight", ("norm", "weight"), False),
 )
 _MTP_COPIES = (("embed_tokens.weight", "model.embed_tokens.weight"), ("shared_head.head.weight", "lm_head.weight"))
+_FUSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
 class ConversionError(ValueError):
   """A checkpoint that does not fit the config; the message names the tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One checkpoint tensor: `leaf[index]` of our variables, transposed when `transpose`."""
+
+  name: str
+  leaf: Leaf
+  index: tuple[int, ...]  # leading (layer[, expert]) indices into the stacked leaf; () for unstacked leaves
+  transpose: bool
+
+  def hf_shape(self, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The checkpoint tensor's shape, given the shape of the whole leaf."""
+    own = tuple(leaf_shape[len(self.index):])
+    return own[::-1] if self.transpose else own
+
+
+def entries(cfg: config_lib.ModelConfig) -> list[Entry]:
+  """Every checkpoint tensor this config has (per-expert keys, MTP as layers n_layers + k), in file order."""
+  out = [Entry("model.embed_tokens.weight", ("params", ("embed", "embedding")), (), False),
+         Entry("model.norm.weight", ("params", ("norm", "weight")), (), False),
+         Entry("lm_head.weight", ("params", ("head",)), (), True)]
+  for stack, n, moe in _stacks(cfg):
+    for i in range(n):
+      out += _block_entries(cfg, _hf_layer_name(cfg, stack, i), (stack,), (i,), moe)
+  for k in range(cfg.n_mtp_layers):
+    prefix = f"model.layers.{cfg.n_layers + k}."
+    out += _block_entries(cfg, prefix, (f"mtp_{k}", "block"), (), True)
+    out += [Entry(prefix + hf, ("params", (f"mtp_{k}", *path)), (), t) for hf, path, t in _MTP]
+  return out
+
+
+def by_leaf(table: list[Entry]) -> dict[Leaf, list[Entry]]:
+  """The table grouped by our leaf, in first-appearance order."""
+  out: dict[Leaf, list[Entry]] = {}
+  for entry in table:
+    out.setdefault(entry.leaf, []).append(entry)
+  return out
+
+
+def mtp_copies(cfg: config_lib.ModelConfig) -> dict[str, str]:
+  """{MTP layer's copy of the embedding/head: the main tensor it must equal}; never loaded."""
+  return {f"model.layers.{cfg.n_layers + k}.{copy}": main for k in range(cfg.n_mtp_layers)
+          for copy, main in _MTP_COPIES}
+
+
+def abstract_variables(cfg: config_lib.ModelConfig) -> dict:
+  """Shapes and dtypes of our variables {"params", "routing"} for this config (no memory)."""
+  return jax.eval_shape(lambda: model_lib.init(cfg, jax.random.PRNGKey(0)))
+
+
+def get_leaf(tree: Mapping, leaf: Leaf):
+  """`tree[collection][path...]`; a missing key raises KeyError."""
+  node = tree[leaf[0]]
+  for key in leaf[1]:
+    node = node[key]
+  return node
+
+
+def hf_shapes(cfg: config_lib.ModelConfig, abstract: Mapping) -> dict[str, tuple[int, ...]]:
+  """Every checkpoint tensor name with its shape, from the shapes of our (abstract) variables."""
+  return {e.name: e.hf_shape(tuple(get_leaf(abstract, e.leaf).shape)) for e in entries(cfg)}
+
+
+def _block_entries(cfg, prefix: str, root: Path, index: tuple[int, ...], moe: bool) -> list[Entry]:
+  out = [Entry(prefix + hf, ("params", (*root, *path)), index, t) for hf, path, t in _layer_rules(cfg, moe)]
+  if moe:
+    out.append(Entry(prefix + _BIAS, ("routing", (*root, "ffn", "gate", "bias")), index, False))
+    for hf, ours in _EXPERTS:
+      out += [Entry(f"{prefix}mlp.experts.{e}.{hf}.weight", ("params", (*root, "ffn", "experts", ours)),
+                    (*index, e), True) for e in range(cfg.n_routed_experts)]
+  return out
 
 
 def _layer_rules(cfg: config_lib.ModelConfig, moe: bool):
@@ -67,9 +151,50 @@ def _layer_rules(cfg: config_lib.ModelConfig, moe: bool):
 def _hf_layer_name(cfg: config_lib.ModelConfig, stack: str, index: int) -> str:
   if stack == "dense_layers":
     return f"model.layers.{index}."
-  if stack == "moe_layers":
-    return f"model.layers.{cfg.n_dense_layers + index}."
-  return f"model.layers.{cfg.n_layers + int(stack.removeprefix('mtp_'))}."
+  return f"model.layers.{cfg.n_dense_layers + index}."
+
+
+def _stacks(cfg):
+  return [(s, n, moe) for s, n, moe in (("dense_layers", cfg.n_dense_layers, False),
+                                          ("moe_layers", cfg.n_moe_layers, True)) if n]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole state dicts (numpy, in memory).
+
+
+class _PerExpert(Mapping):
+  """A state dict with any fused expert tensors shown under per-expert names (views, no copies)."""
+
+  def __init__(self, state: Mapping[str, np.ndarray]):
+    self.state, self.split, self.fused = state, {}, set()
+    for name in state:
+      if name.endswith(_FUSED[0]):
+        prefix = name.removesuffix(_FUSED[0])
+        self.fused.update(prefix + f for f in _FUSED)
+        for e in range(np.shape(state[name])[0]):
+          for hf, _ in _EXPERTS:
+            self.split[f"{prefix}mlp.experts.{e}.{hf}.weight"] = (prefix, e, hf)
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    if name not in self.split:
+      return self.state[name]
+    prefix, e, hf = self.split[name]
+    if hf == "down_proj":
+      return np.asarray(self.state[prefix + _FUSED[1]])[e]
+    gate_up = np.asarray(self.state[prefix + _FUSED[0]])[e]
+    half = gate_up.shape[0] // 2
+    return gate_up[:half] if hf == "gate_proj" else gate_up[half:]
+
+  def __contains__(self, name) -> bool:
+    return name in self.split or (name in self.state and name not in self.fused)
+
+  def __iter__(self) -> Iterator[str]:
+    yield from (n for n in self.state if n not in self.fused)
+    yield from self.split
+
+  def __len__(self) -> int:
+    return len(self.state) - len(self.fused & set(self.state)) + len(self.split)
 
 
 class _Reader:
@@ -83,57 +208,9 @@ class _Reader:
       raise ConversionError(f"tensor {name!r} is missing from the checkpoint")
     self.used.add(name)
     array = np.asarray(self.state[name])
-    array = array.T if transpose else array
     if shape is not None and array.shape != shape:
-      raise ConversionError(f"tensor {name!r} has shape {array.T.shape if transpose else array.shape}, "
-                            f"expected {shape[::-1] if transpose else shape}")
-    return array
-
-
-def _expert_tensors(read: _Reader, prefix: str, cfg: config_lib.ModelConfig):
-  """Yields (path, expert index, array): one expert's matrix at a time, or all of them when fused."""
-  e, d, f = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
-  if prefix + "mlp.experts.gate_up_proj" in read.state:
-    gate_up = read(prefix + "mlp.experts.gate_up_proj", (e, 2 * f, d))
-    yield ("ffn", "experts", "w1"), slice(None), gate_up[:, :f].transpose(0, 2, 1)
-    yield ("ffn", "experts", "w3"), slice(None), gate_up[:, f:].transpose(0, 2, 1)
-    yield ("ffn", "experts", "w2"), slice(None), read(prefix + "mlp.experts.down_proj", (e, d, f)).transpose(0, 2, 1)
-    return
-  for hf, ours in _EXPERTS:
-    shape = (f, d) if ours == "w2" else (d, f)
-    for i in range(e):
-      yield ("ffn", "experts", ours), i, read(f"{prefix}mlp.experts.{i}.{hf}.weight", shape, transpose=True)
-
-
-def _block_tensors(read: _Reader, prefix: str, cfg: config_lib.ModelConfig, moe: bool, shapes):
-  """Yields (collection, path, expert index or None, array) for one decoder layer, one tensor at a time."""
-  for hf, path, t in _layer_rules(cfg, moe):
-    yield "params", path, None, read(prefix + hf, shapes.get(path), transpose=t)
-  if moe:
-    for path, expert, value in _expert_tensors(read, prefix, cfg):
-      yield "params", path, expert, value
-    yield "routing", ("ffn", "gate", "bias"), None, read(prefix + _BIAS, (cfg.n_routed_experts,)).astype(np.float32)
-
-
-def _put(out: dict, col: str, path: Path, index: tuple, expert, value: np.ndarray, n_experts: int, lead=()) -> None:
-  """Writes one tensor into its slot of the (preallocated on first use) output array."""
-  if path not in out[col]:
-    per_expert = isinstance(expert, int)
-    out[col][path] = np.empty((*lead, *((n_experts,) if per_expert else ()), *value.shape), value.dtype)
-  slot = (*index, *(() if expert is None else (expert,)))
-  if out[col][path][slot].shape != value.shape:
-    raise ConversionError(f"{'/'.join(path)} at {slot}: shape {value.shape} differs from the other layers' "
-                          f"{out[col][path][slot].shape}")
-  out[col][path][slot] = value
-
-
-def _read_stack(read: _Reader, cfg: config_lib.ModelConfig, stack: str, n: int, moe: bool, shapes) -> dict:
-  """A layer stack, written tensor by tensor into [n_layers, ...] arrays (no per-layer copies)."""
-  out = {"params": {}, "routing": {}}
-  for i in range(n):
-    for col, path, expert, value in _block_tensors(read, _hf_layer_name(cfg, stack, i), cfg, moe, shapes):
-      _put(out, col, path, (i,), expert, value, cfg.n_routed_experts, lead=(n,))
-  return out
+      raise ConversionError(f"tensor {name!r} has shape {array.shape}, expected {shape}")
+    return array.T if transpose else array
 
 
 def params_from_hf(state: Mapping[str, np.ndarray], cfg: config_lib.ModelConfig,
@@ -142,76 +219,72 @@ def params_from_hf(state: Mapping[str, np.ndarray], cfg: config_lib.ModelConfig,
 
   `state` may be lazy (tensors read on access): each tensor is read once and written straight into
   its slot of the output, so at most one checkpoint tensor is held besides the output.
-  `abstract` (e.g. `jax.eval_shape` of the init) supplies expected shapes; every checkpoint tensor
-  must be used, except the MTP layers' embedding/head copies, and those must match the main ones.
+  `abstract` (`abstract_variables(cfg)` when not given) supplies the expected shapes; every checkpoint
+  tensor must be used, except the MTP layers' embedding/head copies, and those must match the main ones.
   """
-  read = _Reader(state)
-  expected = _block_shapes(abstract)
-  params = {"embed": {"embedding": read("model.embed_tokens.weight", (cfg.vocab_size, cfg.dim))},
-            "norm": {"weight": read("model.norm.weight", (cfg.dim,))},
-            "head": read("lm_head.weight", (cfg.dim, cfg.vocab_size), transpose=True)}
-  routing = {}
-  for stack, n, moe in _stacks(cfg):
-    stacked = _read_stack(read, cfg, stack, n, moe, expected.get(stack, {}))
-    _nest(params, stack, stacked["params"])
-    _nest(routing, stack, stacked["routing"])
-  for k in range(cfg.n_mtp_layers):
-    prefix = f"model.layers.{cfg.n_layers + k}."
-    block = {"params": {}, "routing": {}}
-    for col, path, expert, value in _block_tensors(read, prefix, cfg, True, {}):
-      _put(block, col, ("block", *path), (), expert, value, cfg.n_routed_experts)
-    block["params"].update({path: read(prefix + hf, transpose=t) for hf, path, t in _MTP})
-    _nest(params, f"mtp_{k}", block["params"])
-    _nest(routing, f"mtp_{k}", block["routing"])
-    _check_mtp_copies(read, prefix)
-  unused = sorted(set(state) - read.used)
+  abstract = abstract if abstract is not None else abstract_variables(cfg)
+  per_expert = _PerExpert(state)
+  read = _Reader(per_expert)
+  out: dict = {"params": {}, "routing": {}}
+  for leaf, group in by_leaf(entries(cfg)).items():
+    _set_leaf(out, leaf, _stack(read, group, tuple(get_leaf(abstract, leaf).shape)))
+  for copy, main in mtp_copies(cfg).items():
+    if copy in per_expert and not np.array_equal(read(copy), read(main)):
+      logging.warning("%s differs from %s; the MTP module uses the main model's", copy, main)
+  unused = sorted(set(per_expert) - read.used)
   if unused:
     raise ConversionError(f"checkpoint tensors not used by this config: {unused[:5]}"
                           f"{' ...' if len(unused) > 5 else ''} ({len(unused)} in all)")
-  return {"params": params, "routing": routing}
+  return out
 
 
-def _check_mtp_copies(read: _Reader, prefix: str) -> None:
-  for copy, main in _MTP_COPIES:
-    if prefix + copy in read.state:
-      if not np.array_equal(read(prefix + copy), read(main)):
-        logging.warning("%s differs from %s; the MTP module uses the main model's", prefix + copy, main)
+def _stack(read: _Reader, group: list[Entry], shape: tuple[int, ...]) -> np.ndarray:
+  """One leaf, each of its checkpoint tensors written straight into its slot (no per-layer copies)."""
+  out = None
+  for entry in group:
+    value = read(entry.name, entry.hf_shape(shape), entry.transpose)
+    if entry.leaf[0] == "routing":
+      value = value.astype(np.float32)  # routing state is fp32 whatever the checkpoint stores
+    if out is None:
+      out = np.empty(shape, value.dtype)
+    out[entry.index] = value
+  return out
+
+
+def _set_leaf(tree: dict, leaf: Leaf, value) -> None:
+  node = tree.setdefault(leaf[0], {})
+  for key in leaf[1][:-1]:
+    node = node.setdefault(key, {})
+  node[leaf[1][-1]] = value
+
+
+def take(leaf, entry: Entry) -> np.ndarray:
+  """One checkpoint tensor from its stacked leaf (numpy or jax): only that slice leaves the device."""
+  value = np.asarray(leaf[entry.index] if entry.index else leaf)
+  return value.T if entry.transpose else value
+
+
+def fetch(variables: Mapping, entry: Entry) -> np.ndarray:
+  """One checkpoint tensor from our variables {"params", "routing"}."""
+  return take(get_leaf(variables, entry.leaf), entry)
 
 
 def params_to_hf(variables: dict, cfg: config_lib.ModelConfig, fused_experts: bool = False) -> dict[str, np.ndarray]:
   """A HF state dict from our variables; per-expert keys (the checkpoint layout) unless fused_experts."""
-  params, routing = variables["params"], variables.get("routing", {})
-  out = {"model.embed_tokens.weight": np.asarray(params["embed"]["embedding"]),
-         "model.norm.weight": np.asarray(params["norm"]["weight"]),
-         "lm_head.weight": np.asarray(params["head"]).T}
-  for stack, n, moe in _stacks(cfg):
-    for i in range(n):
-      block = _flatten(params[stack], lambda a, i=i: np.asarray(a[i]))
-      block_routing = _flatten(routing.get(stack, {}), lambda a, i=i: np.asarray(a[i]))
-      out.update(_write_block(_hf_layer_name(cfg, stack, i), cfg, moe, block, block_routing, fused_experts))
-  for k in range(cfg.n_mtp_layers):
-    prefix = f"model.layers.{cfg.n_layers + k}."
-    mtp = _flatten(params[f"mtp_{k}"])
-    block = {p[1:]: v for p, v in mtp.items() if p[0] == "block"}
-    block_routing = {p[1:]: v for p, v in _flatten(routing.get(f"mtp_{k}", {})).items()}
-    out.update(_write_block(prefix, cfg, True, block, block_routing, fused_experts))
-    out.update({prefix + hf: mtp[path].T if t else mtp[path] for hf, path, t in _MTP})
-  return out
+  variables = {"routing": {}, **variables}
+  out = {e.name: fetch(variables, e) for e in entries(cfg)}
+  return _fuse_experts(out, cfg.n_routed_experts) if fused_experts else out
 
 
-def _write_block(prefix, cfg, moe, block, block_routing, fused_experts) -> dict[str, np.ndarray]:
-  out = {prefix + hf: block[path].T if t else block[path] for hf, path, t in _layer_rules(cfg, moe)}
-  if moe:
-    out[prefix + _BIAS] = block_routing[("ffn", "gate", "bias")]
-    w = {ours: block[("ffn", "experts", ours)] for _, ours in _EXPERTS}
-    if fused_experts:
-      out[prefix + "mlp.experts.gate_up_proj"] = np.concatenate([w["w1"], w["w3"]], -1).transpose(0, 2, 1)
-      out[prefix + "mlp.experts.down_proj"] = w["w2"].transpose(0, 2, 1)
-    else:
-      for hf, ours in _EXPERTS:
-        for e in range(cfg.n_routed_experts):
-          out[f"{prefix}mlp.experts.{e}.{hf}.weight"] = w[ours][e].T
-  return out
+def _fuse_experts(state: dict[str, np.ndarray], n_experts: int) -> dict[str, np.ndarray]:
+  """Per-expert keys -> transformers 5.x fused `gate_up_proj` [E, 2F, D] and `down_proj` [E, D, F]."""
+  prefixes = sorted({n.split("mlp.experts.")[0] for n in state if ".mlp.experts." in n})
+  for prefix in prefixes:
+    w = {hf: np.stack([state.pop(f"{prefix}mlp.experts.{e}.{hf}.weight") for e in range(n_experts)])
+         for hf, _ in _EXPERTS}
+    state[prefix + _FUSED[0]] = np.concatenate([w["gate_proj"], w["up_proj"]], 1)
+    state[prefix + _FUSED[1]] = w["down_proj"]
+  return state
 
 
 def hf_layer_index(name: str) -> int | None:
@@ -220,32 +293,23 @@ def hf_layer_index(name: str) -> int | None:
   return int(match.group(1)) if match else None
 
 
-def _stacks(cfg):
-  return [(s, n, moe) for s, n, moe in (("dense_layers", cfg.n_dense_layers, False),
-                                          ("moe_layers", cfg.n_moe_layers, True)) if n]
-
-
-def _block_shapes(abstract: dict | None) -> dict[str, dict[Path, tuple[int, ...]]]:
-  if abstract is None:
-    return {}
-  params = abstract["params"]
-  return {s: {p: tuple(v.shape[1:]) for p, v in _flatten(params[s], lambda a: a).items()}
-          for s in ("dense_layers", "moe_layers") if s in params}
-
-
-def _flatten(tree: Mapping, fn=np.asarray, prefix: Path = ()) -> dict:
+def flatten(tree: Mapping, prefix: Path = ()) -> dict[Path, object]:
+  """{path: leaf} of a nested mapping (anything not a Mapping is a leaf)."""
   out = {}
   for key, value in tree.items():
     if isinstance(value, Mapping):
-      out.update(_flatten(value, fn, (*prefix, key)))
+      out.update(flatten(value, (*prefix, key)))
     else:
-      out[(*prefix, key)] = fn(value)
+      out[(*prefix, key)] = value
   return out
 
 
-def _nest(tree: dict, root: str, flat: dict[Path, np.ndarray]) -> None:
+def unflatten(flat: Mapping[Path, object]) -> dict:
+  """The inverse of `flatten`."""
+  out: dict = {}
   for path, value in flat.items():
-    node = tree.setdefault(root, {})
+    node = out
     for key in path[:-1]:
       node = node.setdefault(key, {})
     node[path[-1]] = value
+  return out
