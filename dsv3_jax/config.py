@@ -38,6 +38,12 @@ class ModelConfig:
   n_activated_experts: int = 8
   n_expert_groups: int = 8
   n_limited_groups: int = 4
+  # Node-limited routing (paper §2.1.2, M = 4): the routed experts sit on n_nodes nodes in contiguous
+  # blocks and each token reaches at most n_limited_nodes of them; n_nodes = 1 turns the limit off.
+  # DeepSeek-V3 leaves it off: its 8 groups are its 8 nodes (EP64 over 8 nodes, 32 experts each), so
+  # keeping n_limited_groups = 4 groups already is the M = 4 node limit.
+  n_nodes: int = 1
+  n_limited_nodes: int = 1
   score_func: str = "sigmoid"
   route_scale: float = 2.5
   # MLA. q_lora_rank == 0 means a direct query projection (no low-rank path).
@@ -82,6 +88,16 @@ class ModelConfig:
     return self.n_routed_experts // self.n_expert_groups
 
   @property
+  def experts_per_node(self) -> int:
+    return self.n_routed_experts // self.n_nodes
+
+  @property
+  def node_limit_is_group_limit(self) -> bool:
+    """True when the node step selects exactly what the group step does (nodes = groups, same M, top-2)."""
+    return (self.n_nodes == self.n_expert_groups and self.n_limited_nodes == self.n_limited_groups
+            and -(-self.n_activated_experts // self.n_limited_nodes) == 2)
+
+  @property
   def compute_dtype(self) -> Any:
     return _DTYPES[self.dtype]
 
@@ -108,6 +124,9 @@ class ModelConfig:
 
   def to_hf(self) -> dict[str, Any]:
     """A HF `config.json` dict that `DeepseekV3Config` loads into the same architecture."""
+    if self.n_nodes > 1 and not self.node_limit_is_group_limit:
+      raise ConfigError(f"ModelConfig.n_nodes = {self.n_nodes} (node-limited routing to {self.n_limited_nodes} "
+                        "nodes) has no Hugging Face config key; the exported model would route differently")
     out = {hf_key: getattr(self, ours) for hf_key, ours in _HF_TO_OURS.items()}
     out.update(
         architectures=["DeepseekV3ForCausalLM"],
@@ -259,12 +278,30 @@ def _validate(c: ModelConfig) -> None:
          f"leaves {c.experts_per_group} expert per group; group scores sum the top-2 experts of each group")
     need(c.n_activated_experts <= c.n_limited_groups * c.experts_per_group, "n_activated_experts",
          f"exceeds the {c.n_limited_groups * c.experts_per_group} experts in the n_limited_groups kept groups")
+  _validate_node_limit(c, need)
   need(c.route_scale > 0, "route_scale", "must be positive")
   need(c.rope_theta > 0, "rope_theta", "must be positive")
   need(c.rope_factor >= 1.0, "rope_factor", "must be >= 1 (1 disables YaRN)")
   need(c.beta_fast > c.beta_slow > 0, "beta_fast", f"must exceed beta_slow = {c.beta_slow} > 0")
   need(c.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
   need(c.init_std > 0, "init_std", "must be positive")
+
+
+def _validate_node_limit(c: ModelConfig, need) -> None:
+  for f in ("n_nodes", "n_limited_nodes"):
+    need(isinstance(getattr(c, f), int) and getattr(c, f) > 0, f, "must be a positive integer")
+  need(c.n_limited_nodes <= c.n_nodes, "n_limited_nodes", f"exceeds n_nodes = {c.n_nodes}")
+  need(c.n_routed_experts % c.n_nodes == 0, "n_nodes", f"must divide n_routed_experts = {c.n_routed_experts}")
+  if c.n_nodes == 1:
+    return
+  need(c.n_expert_groups == 1 or c.n_expert_groups % c.n_nodes == 0, "n_nodes",
+       f"must divide n_expert_groups = {c.n_expert_groups} (groups nest in nodes)")
+  reachable = c.n_limited_nodes * c.experts_per_node
+  if c.n_expert_groups > 1:
+    groups = min(c.n_limited_groups, c.n_limited_nodes * c.n_expert_groups // c.n_nodes)
+    reachable = groups * c.experts_per_group
+  need(c.n_activated_experts <= reachable, "n_activated_experts",
+       f"exceeds the {reachable} experts that the node and group limits leave a token")
 
 
 def deepseek_v3_671b(**overrides) -> ModelConfig:

@@ -5,7 +5,9 @@ The routing correction bias (auxiliary-loss-free balancing, §2.1.2) lives in th
 no optimizer state and no weight decay. The layer reports per-expert loads for its update.
 
 Expert compute goes through one seam, `RoutedExperts.dispatch`: the local dropless dispatch below,
-or the expert-parallel all-to-all dispatch when experts are sharded over a mesh.
+or, under a mesh, `expert_parallel.dispatch` (all-to-all to the experts' devices when the mesh has an
+expert axis of size > 1, else the local dispatch on each device's own tokens). Both run the same
+SwiGLU over expert-contiguous row tiles (`expert_ffn`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax import config as config_lib
+from dsv3_jax import expert_parallel  # imports this module back; it only calls into it at run time
 from dsv3_jax import layers
 from dsv3_jax import ops
 
@@ -31,20 +34,30 @@ class Routing(NamedTuple):
 
 
 def select_experts(biased_WE: jax.Array, cfg: config_lib.ModelConfig) -> jax.Array:
-  """Group-limited top-k on bias-corrected scores (numerics §4 steps 3-5).
+  """Node- and group-limited top-k on bias-corrected scores (paper §2.1.2; numerics §4 steps 3-5).
 
-  1. Score each of the n_expert_groups groups by the sum of its two best experts.
-  2. Keep the n_limited_groups best groups; experts elsewhere drop to -inf.
+  1. Node limit (when n_nodes > 1): score each node, a contiguous block of experts, by the sum of its
+     ceil(K / n_limited_nodes) best experts; experts outside the n_limited_nodes best nodes drop to -inf.
+  2. Group limit (when n_expert_groups > 1): score each group by the sum of its two best experts; keep
+     the n_limited_groups best groups (groups nest in nodes, so a dropped node's groups score -inf).
   3. Take the top n_activated_experts of what is left.
   """
-  n_tokens, n_experts = biased_WE.shape
+  top_k = cfg.n_activated_experts
+  if cfg.n_nodes > 1:
+    biased_WE = _keep_best_blocks(biased_WE, cfg.n_nodes, cfg.n_limited_nodes, -(-top_k // cfg.n_limited_nodes))
   if cfg.n_expert_groups > 1:
-    grouped_WGE = biased_WE.reshape(n_tokens, cfg.n_expert_groups, -1)
-    group_scores_WG = jax.lax.top_k(grouped_WGE, 2)[0].sum(-1)
-    kept_WG = jax.lax.top_k(group_scores_WG, cfg.n_limited_groups)[1]
-    keep_WG = jax.nn.one_hot(kept_WG, cfg.n_expert_groups, dtype=jnp.bool_).any(axis=1)
-    biased_WE = jnp.where(keep_WG[:, :, None], grouped_WGE, -jnp.inf).reshape(n_tokens, n_experts)
-  return jax.lax.top_k(biased_WE, cfg.n_activated_experts)[1].astype(jnp.int32)
+    biased_WE = _keep_best_blocks(biased_WE, cfg.n_expert_groups, cfg.n_limited_groups, 2)
+  return jax.lax.top_k(biased_WE, top_k)[1].astype(jnp.int32)
+
+
+def _keep_best_blocks(biased_WE: jax.Array, n_blocks: int, n_kept: int, n_best: int) -> jax.Array:
+  """-inf outside the n_kept of n_blocks contiguous expert blocks whose n_best scores sum highest."""
+  n_tokens, n_experts = biased_WE.shape
+  blocks_WGE = biased_WE.reshape(n_tokens, n_blocks, -1)
+  block_scores_WG = jax.lax.top_k(blocks_WGE, n_best)[0].sum(-1)
+  kept_WG = jax.lax.top_k(block_scores_WG, n_kept)[1]
+  keep_WG = jax.nn.one_hot(kept_WG, n_blocks, dtype=jnp.bool_).any(axis=1)
+  return jnp.where(keep_WG[:, :, None], blocks_WGE, -jnp.inf).reshape(n_tokens, n_experts)
 
 
 class Router(nn.Module):
@@ -60,7 +73,8 @@ class Router(nn.Module):
     bias = self.variable(ROUTING, "bias", jnp.zeros, (c.n_routed_experts,), jnp.float32)
     logits_WE = jnp.dot(x_WD.astype(jnp.float32), kernel.astype(jnp.float32))
     scores_WE = jax.nn.sigmoid(logits_WE) if c.score_func == "sigmoid" else jax.nn.softmax(logits_WE, -1)
-    experts_WK = select_experts(scores_WE + bias.value, c)
+    # Per-token work on each device's own tokens (left to jit, the selection's top-k would gather them all).
+    experts_WK = expert_parallel.on_local_tokens(lambda biased_WE: select_experts(biased_WE, c), scores_WE + bias.value)
     weights_WK = jnp.take_along_axis(scores_WE, experts_WK, axis=-1)
     if c.score_func == "sigmoid":
       weights_WK = weights_WK / weights_WK.sum(-1, keepdims=True)
@@ -77,22 +91,26 @@ class TileLayout(NamedTuple):
   rows: int  # rows per tile (M)
 
 
-def tile_layout(experts_N: jax.Array, n_experts: int) -> TileLayout:
+def tile_layout(experts_N: jax.Array, n_experts: int, rows: int | None = None) -> TileLayout:
   """Sorts routed slots by expert into tiles of M rows, each expert padded to whole tiles.
 
   The buffer has a static bound of ceil(N/M) + min(E, N) tiles, the most that N slots can fill,
-  so no token is ever dropped; tiles past n_tiles are never computed.
+  so no token is ever dropped; tiles past n_tiles are never computed. A slot whose id equals
+  n_experts belongs to no expert (an empty place in an exchange buffer): such slots sit unpadded
+  after the live tiles, inside the same bound, and their outputs are zero. `rows` overrides M,
+  which otherwise follows `ops.tile_rows` for N slots.
   """
   n_slots = experts_N.shape[0]
-  rows = ops.tile_rows(n_slots, n_experts)
+  rows = rows or ops.tile_rows(n_slots, n_experts)
   n_groups = -(-n_slots // rows) + min(n_experts, n_slots)
   order_N = jnp.argsort(experts_N, stable=True)
   sorted_experts_N = experts_N[order_N]
-  count_E = jnp.zeros(n_experts, jnp.int32).at[experts_N].add(1)
-  padded_E = (count_E + rows - 1) // rows * rows
+  count_X = jnp.zeros(n_experts + 1, jnp.int32).at[experts_N].add(1)  # X: the E experts, then "none"
+  padded_E = (count_X[:n_experts] + rows - 1) // rows * rows
   padded_end_E = jnp.cumsum(padded_E)
-  rank_N = jnp.arange(n_slots) - (jnp.cumsum(count_E) - count_E)[sorted_experts_N]
-  row_sorted_N = (padded_end_E - padded_E)[sorted_experts_N] + rank_N
+  start_X = jnp.append(padded_end_E - padded_E, padded_end_E[-1])
+  rank_N = jnp.arange(n_slots) - (jnp.cumsum(count_X) - count_X)[sorted_experts_N]
+  row_sorted_N = start_X[sorted_experts_N] + rank_N
   row_of_slot_N = jnp.zeros(n_slots, jnp.int32).at[order_N].set(row_sorted_N.astype(jnp.int32))
   slot_of_row_R = jnp.full(n_groups * rows, n_slots, jnp.int32).at[row_of_slot_N].set(
       jnp.arange(n_slots, dtype=jnp.int32))
@@ -102,22 +120,28 @@ def tile_layout(experts_N: jax.Array, n_experts: int) -> TileLayout:
                     padded_end_E[-1] // rows, rows)
 
 
-def local_dispatch(x_WD: jax.Array, routing: Routing, w1_EDF: jax.Array, w3_EDF: jax.Array,
-                   w2_EFD: jax.Array, impl: str = "xla") -> jax.Array:
-  """Dropless routed-expert FFN on this device's tokens; cost grows with tokens x top-k only."""
-  n_tokens, top_k = routing.experts_WK.shape
-  layout = tile_layout(jax.lax.stop_gradient(routing.experts_WK).reshape(-1), w1_EDF.shape[0])
+def expert_ffn(x_RD: jax.Array, layout: TileLayout, w1_EDF: jax.Array, w3_EDF: jax.Array, w2_EFD: jax.Array,
+               impl: str) -> jax.Array:
+  """SwiGLU of each tile row through its tile's expert; x_RD and the result are in tile-row order."""
   n_groups = layout.tile_expert_G.shape[0]
-  token_of_slot = jnp.append(jnp.arange(n_tokens * top_k, dtype=jnp.int32) // top_k, 0)
-  live_R = (layout.slot_of_row_R < n_tokens * top_k)[:, None]
-  x_RD = jnp.where(live_R, x_WD[token_of_slot[layout.slot_of_row_R]], 0)
   x_GMD = x_RD.reshape(n_groups, layout.rows, -1)
 
   def gmm(a, w):
     return ops.grouped_matmul(a, w, layout.tile_expert_G, layout.n_tiles, impl)
 
   h_GMF = nn.silu(gmm(x_GMD, w1_EDF)) * gmm(x_GMD, w3_EDF)
-  y_RD = gmm(h_GMF, w2_EFD).reshape(n_groups * layout.rows, -1)
+  return gmm(h_GMF, w2_EFD).reshape(n_groups * layout.rows, -1)
+
+
+def local_dispatch(x_WD: jax.Array, routing: Routing, w1_EDF: jax.Array, w3_EDF: jax.Array,
+                   w2_EFD: jax.Array, impl: str = "xla") -> jax.Array:
+  """Dropless routed-expert FFN on this device's tokens; cost grows with tokens x top-k only."""
+  n_tokens, top_k = routing.experts_WK.shape
+  layout = tile_layout(jax.lax.stop_gradient(routing.experts_WK).reshape(-1), w1_EDF.shape[0])
+  token_of_slot = jnp.append(jnp.arange(n_tokens * top_k, dtype=jnp.int32) // top_k, 0)
+  live_R = (layout.slot_of_row_R < n_tokens * top_k)[:, None]
+  x_RD = jnp.where(live_R, x_WD[token_of_slot[layout.slot_of_row_R]], 0)
+  y_RD = expert_ffn(x_RD, layout, w1_EDF, w3_EDF, w2_EFD, impl)
   y_WKD = y_RD[layout.row_of_slot_N].reshape(n_tokens, top_k, -1)
   return jnp.einsum("wk,wkd->wd", routing.weights_WK, y_WKD.astype(jnp.float32)).astype(x_WD.dtype)
 
@@ -126,10 +150,16 @@ Dispatch = Callable[..., jax.Array]
 
 
 class RoutedExperts(nn.Module):
-  """The n_routed_experts SwiGLU experts as stacked weights [E, ...], sharded on the expert axis."""
+  """The n_routed_experts SwiGLU experts as stacked weights [E, ...], sharded on the expert axis.
+
+  `dispatch` None picks by the context mesh: `expert_parallel.dispatch` when the mesh splits the experts
+  (all-to-all between the devices of the expert axis) or evenly splits the tokens (the local dispatch on
+  each device's own tokens), `local_dispatch` on the whole array otherwise and during `init` (which may
+  run on a token count that the mesh does not divide; its outputs are the same either way).
+  """
 
   cfg: config_lib.ModelConfig
-  dispatch: Dispatch = local_dispatch
+  dispatch: Dispatch | None = None
   impl: str = "xla"
 
   @nn.compact
@@ -144,7 +174,11 @@ class RoutedExperts(nn.Module):
     w1 = weight("w1", (e, d, f), ("expert", "embed", "mlp"))
     w3 = weight("w3", (e, d, f), ("expert", "embed", "mlp"))
     w2 = weight("w2", (e, f, d), ("expert", "mlp", "embed"))
-    return self.dispatch(x_WD.astype(c.compute_dtype), routing, w1, w3, w2, impl=self.impl)
+    dispatch = self.dispatch
+    if dispatch is None:
+      sharded = expert_parallel.applies(x_WD.shape[0]) and not self.is_initializing()
+      dispatch = expert_parallel.dispatch if sharded else local_dispatch
+    return dispatch(x_WD.astype(c.compute_dtype), routing, w1, w3, w2, impl=self.impl)
 
 
 class MoE(nn.Module):

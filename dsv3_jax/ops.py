@@ -5,6 +5,9 @@ Model code calls these and never imports a kernel. Today:
   impl="xla"        a scan over tiles that skips empty ones: cost grows with routed rows only.
   impl="ragged_dot" `jax.lax.ragged_dot` on the same layout: a reference, since XLA lowers it to
                     about one dense matmul per group (cost grows with the number of experts).
+Both also run inside `shard_map` (expert parallelism), where the zeros of skipped tiles take on the
+manual axes their operands vary over, as scan and cond require, and the backward sums a gradient over
+the axes its primal is replicated on (the transpose of using a replicated weight on varying tokens).
 """
 
 from __future__ import annotations
@@ -39,13 +42,27 @@ def _ragged_grouped_matmul(x_GMD, w_EDF, tile_expert_G, n_tiles):
   return jnp.where(live_G[:, None, None], y.reshape(n_groups, rows, -1), 0).astype(x_GMD.dtype)
 
 
+def _varying_as(z: jax.Array, *refs: jax.Array) -> jax.Array:
+  """z typed as varying over every manual mesh axis that any of refs varies over (no-op outside shard_map)."""
+  varying = lambda a: jax.typeof(a).manual_axis_type.varying
+  missing = tuple(frozenset().union(*map(varying, refs)) - varying(z))
+  return jax.lax.pcast(z, missing, to="varying") if missing else z
+
+
+def _summed_to(g: jax.Array, primal: jax.Array) -> jax.Array:
+  """g summed over the manual mesh axes that it varies over and its primal does not."""
+  varying = lambda a: jax.typeof(a).manual_axis_type.varying
+  extra = tuple(varying(g) - varying(primal))
+  return jax.lax.psum(g, extra) if extra else g
+
+
 @jax.custom_vjp
 def _scan_grouped_matmul(x_GMD, w_EDF, tile_expert_G, n_tiles):
   def tile(_, xs):
     x_MD, expert, g = xs
     y_MF = jax.lax.cond(g < n_tiles,
                         lambda: jnp.dot(x_MD, w_EDF[expert].astype(x_MD.dtype)),
-                        lambda: jnp.zeros((x_MD.shape[0], w_EDF.shape[2]), x_MD.dtype))
+                        lambda: _varying_as(jnp.zeros((x_MD.shape[0], w_EDF.shape[2]), x_MD.dtype), x_MD, w_EDF))
     return None, y_MF
 
   _, y_GMF = jax.lax.scan(tile, None, (x_GMD, tile_expert_G, jnp.arange(x_GMD.shape[0])))
@@ -68,11 +85,11 @@ def _scan_grouped_matmul_bwd(res, dy_GMF):
       dw_DF = jnp.dot(x_MD.T, dy_MF, preferred_element_type=jnp.float32)
       return dw_EDF.at[expert].add(dw_DF), dx_MD
 
-    return jax.lax.cond(g < n_tiles, live, lambda dw: (dw, jnp.zeros_like(x_MD)), dw_EDF)
+    return jax.lax.cond(g < n_tiles, live, lambda dw: (dw, _varying_as(jnp.zeros_like(x_MD), dy_MF, w_EDF)), dw_EDF)
 
-  dw_EDF, dx_GMD = jax.lax.scan(tile, jnp.zeros(w_EDF.shape, jnp.float32),
-                                (x_GMD, dy_GMF, tile_expert_G, jnp.arange(x_GMD.shape[0])))
-  return dx_GMD, dw_EDF.astype(w_EDF.dtype), None, None
+  dw0_EDF = _varying_as(jnp.zeros(w_EDF.shape, jnp.float32), x_GMD, dy_GMF, w_EDF)
+  dw_EDF, dx_GMD = jax.lax.scan(tile, dw0_EDF, (x_GMD, dy_GMF, tile_expert_G, jnp.arange(x_GMD.shape[0])))
+  return _summed_to(dx_GMD, x_GMD), _summed_to(dw_EDF, w_EDF).astype(w_EDF.dtype), None, None
 
 
 _scan_grouped_matmul.defvjp(_scan_grouped_matmul_fwd, _scan_grouped_matmul_bwd)
