@@ -6,6 +6,7 @@ Tolerances are fixed (STYLE rule 11): 1e-5 on fp32 logits.
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,7 @@ from dsv3_jax import config
 from dsv3_jax import generate
 from dsv3_jax import loss as loss_lib
 from dsv3_jax import model as model_lib
+from dsv3_jax import sharding
 from dsv3_jax import torch_parity
 
 LOGITS_TOL = 1e-5
@@ -238,3 +240,21 @@ def test_speculative_needs_an_mtp_module():
   variables = model_lib.init(cfg, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="n_mtp_layers = 0"):
     generate.generate(variables, cfg, [[1]], 4, jax.random.PRNGKey(0), speculative=True)
+
+
+@pytest.mark.parametrize("sizes", [{"data": 8}, {"data": 2, "expert": 4}, {"fsdp": 4, "expert": 2}])
+def test_generation_on_a_mesh_shards_the_cache_and_matches_one_device(sizes):
+  cfg, variables = _tiny()
+  prompts = [[i + 1] * (i % 3 + 1) for i in range(8)]
+  want = generate.generate(variables, cfg, prompts, 6, jax.random.PRNGKey(0), speculative=True)
+  shape = [sizes.get(a, 1) for a in sharding.MESH_AXES]
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(shape), sharding.MESH_AXES)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    state = generate.start(variables, generate.prepare(cfg, prompts, 6, speculative=True), jax.random.PRNGKey(0))
+    got = generate.generate(variables, cfg, prompts, 6, jax.random.PRNGKey(0), speculative=True)
+  batch_axes = tuple(a for a in ("data", "fsdp", "expert") if a in sizes)
+  for leaf in jax.tree.leaves(state.cache):
+    spec = leaf.sharding.spec
+    assert tuple(spec[leaf.ndim - 3] if isinstance(spec[leaf.ndim - 3], tuple) else (spec[leaf.ndim - 3],)) == \
+        batch_axes, spec
+  assert got == want
