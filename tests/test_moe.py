@@ -65,7 +65,9 @@ DISPATCH_CASES = [
     (64, 64, 6, False),  # many experts, a few rows each
     (48, 8, 3, True),  # extreme imbalance: 3 experts take all, 5 are empty
     (20, 1, 1, False),  # E = 1
-    (3, 16, 2, False),  # fewer tokens than experts
+    (3, 16, 2, False),  # fewer slots than experts: gathered weights
+    (4, 8, 2, True),  # slots == experts, all on the same two: gathered, duplicated weights
+    (5, 64, 6, False),  # decode-sized: gathered
 ]
 
 
