@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 import torch
 
@@ -258,3 +259,19 @@ def test_generation_on_a_mesh_shards_the_cache_and_matches_one_device(sizes):
     assert tuple(spec[leaf.ndim - 3] if isinstance(spec[leaf.ndim - 3], tuple) else (spec[leaf.ndim - 3],)) == \
         batch_axes, spec
   assert got == want
+
+
+def test_restore_checks_the_checkpoint_against_the_config(tmp_path):
+  cfg, variables = _tiny()
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "ckpt" / "variables", variables)
+  restored = generate.restore_variables(str(tmp_path / "ckpt"), cfg)
+  jax.tree.map(np.testing.assert_array_equal, restored, variables)
+  with pytest.raises(generate.CheckpointMismatch, match=r"params/embed/embedding has shape \(128, 64\)"):
+    generate.restore_variables(str(tmp_path / "ckpt"), config.tiny(vocab_size=130))
+  with pytest.raises(generate.CheckpointMismatch, match="params/mtp_0/.* has no place in the model config"):
+    generate.restore_variables(str(tmp_path / "ckpt"), config.tiny(n_mtp_layers=0))
+  with pytest.raises(generate.CheckpointMismatch, match="params/mtp_1/.* is not in the checkpoint"):
+    generate.restore_variables(str(tmp_path / "ckpt"), config.tiny(n_mtp_layers=2))
+  with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+    generate.restore_variables(str(tmp_path), cfg)
