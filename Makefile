@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint bench-moe param-count compare-torch plot clean gpu-compile-check
+.PHONY: run test lint bench bench-moe param-count compare-torch plot plan multihost-cpu clean gpu-compile-check
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+
+# Ours against transformers (eager, torch.compile), MFU, cost growth, MoE and decode: docs/bench.json and the
+# generated section of docs/BENCHMARKS.md. About 12 minutes on a 2-core CPU; BENCH_FLAGS=--quick for a smoke run.
+bench: $(VENV)/.installed
+	$(PY) -m experiments.bench $(BENCH_FLAGS)
 
 bench-moe: $(VENV)/.installed
 	$(PY) -m experiments.bench_moe
@@ -42,6 +47,21 @@ $(GPU_VENV)/.installed: setup.py
 
 gpu-compile-check: $(GPU_VENV)/.installed
 	$(GPU_VENV)/bin/python -m experiments.gpu_compile_check
+
+# Per-device memory of the 671B model on DeepSeek-V3's mesh (PP16 x EP64 x DP2, ZeRO-1), from shapes only.
+plan: $(VENV)/.installed
+	$(PY) -m experiments.plan --config=configs/deepseek_v3_671b.py --config.mesh.pipe=16 --config.mesh.expert=64
+
+# Two processes x 4 CPU devices on this machine (gloo collectives), training the tiny model on data=2 x expert=4.
+multihost-cpu: $(VENV)/.installed
+	rm -rf workdir/multihost_cpu && mkdir -p workdir
+	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(PY) -m experiments.train --config=configs/tiny_cpu.py \
+	  --workdir=workdir/multihost_cpu --config.mesh.data=2 --config.mesh.expert=4 --config.train.steps=20 \
+	  --coordinator_address=127.0.0.1:12355 --num_processes=2 --process_id=1 > workdir/multihost_cpu.1.log 2>&1 & \
+	  XLA_FLAGS=--xla_force_host_platform_device_count=4 $(PY) -m experiments.train --config=configs/tiny_cpu.py \
+	  --workdir=workdir/multihost_cpu --config.mesh.data=2 --config.mesh.expert=4 --config.train.steps=20 \
+	  --coordinator_address=127.0.0.1:12355 --num_processes=2 --process_id=0; \
+	  status=$$?; wait $$! || status=1; exit $$status
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = "bytes"  # "bytes" (257 ids: bytes + EOS) or the path of a HF tokenizer.json
   c.data.eos_token = ""  # EOS token of a tokenizer.json ("" tries the common names)
   c.data.seq_len = 256  # tokens per training sequence
-  c.data.batch_size = 16  # sequences per micro-batch (one forward/backward)
+  c.data.batch_size = 16  # sequences per micro-batch (one forward/backward) over all devices; the mesh splits it
   c.data.heldout_fraction = 0.05  # share of documents (by file) held out for evaluation
   c.data.max_bytes = 0  # cap on the text read per split, 0 for all of it
   c.data.cross_document_loss = True  # False masks targets that start a new document
@@ -55,6 +55,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.balance = ml_collections.ConfigDict()
   c.balance.gamma = 1e-3  # bias update speed of aux-loss-free balancing (paper: 1e-3); 0 turns it off
   c.balance.stop_after_tokens = 0  # tokens after which gamma becomes 0 (paper: 14.3T); 0 never stops
+
+  c.mesh = ml_collections.ConfigDict()  # device mesh (dsv3_jax/sharding.py); the axes must multiply to the devices
+  c.mesh.pipe = 1  # pipeline stages; training needs 1 until the pipeline lands (experiments.plan takes more)
+  c.mesh.data = -1  # data parallelism (parameters replicated); -1: every device the other axes leave
+  c.mesh.fsdp = 1  # fully sharded data parallelism: batch split, parameters sharded on their embed axis
+  c.mesh.expert = 1  # expert parallelism: routed experts split; a batch axis for everything else
+  c.mesh.tensor = 1  # tensor parallelism: heads, MLP hidden and vocabulary split
+  c.mesh.zero1 = False  # ZeRO-1: optimizer state also split over the batch axes its parameter is replicated on
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # optimizer steps

@@ -4,7 +4,9 @@
       --config.data.source=/path/to/corpus --config.data.tokenizer=/path/to/tokenizer.json
 
 Runtime: the paper's run took 2.664M H800 GPU-hours for 14.8T tokens; this repository cannot run it
-yet (sharding, pipeline and FP8 arrive with their own issues). Expected result: the paper's.
+yet: its mesh needs the pipeline (mesh.pipe = 16), and FP8 training is still to come. Expected result:
+the paper's. Per-device memory of this config on its mesh: `python -m experiments.plan
+--config=configs/deepseek_v3_671b.py` (docs/SHARDING.md).
 
 Token-based boundaries assume 4096-token sequences and 15360 sequences per step after the
 batch-size warm-up (62.9M tokens/step): 10T tokens is step ~159,000, 4.3T more is ~68,400 steps.
@@ -39,6 +41,11 @@ def get_config():
   c.train.warmup_microbatches = 1
   c.train.batch_warmup_tokens = 469_000_000_000
   c.train.remat = "full"
+  c.mesh.pipe = 16  # the paper's 2048 H800s: PP16 x EP64 x DP2 with ZeRO-1; training needs the pipeline first
+  c.mesh.data = 2  # with the expert axis, 128-way data parallelism for everything but the routed experts
+  c.mesh.expert = 64  # 4 of the 256 routed experts per device
+  c.mesh.zero1 = True  # optimizer state split over the batch axes (the paper's ZeRO-1 data parallelism)
+  c.sample.max_new_tokens = 0  # no sampling: it would need a replicated copy of the model on one device
   c.train.checkpoint_every = 1000
   c.train.eval_every = 1000
   return c

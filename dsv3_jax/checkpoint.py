@@ -3,6 +3,9 @@
 A checkpoint directory is written under a temporary name and renamed when complete, so a process
 killed mid-write leaves the previous checkpoint as the latest one; `cleanup_tmp_directories`
 removes the debris on the next start.
+
+A sharded state is written by every process (each its own shards) and restored onto whatever mesh and
+process count `target` describes: orbax reshards on read.
 """
 
 from __future__ import annotations
@@ -57,3 +60,8 @@ class Checkpoints:
 
 def abstract(tree: Any) -> Any:
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree)
+
+
+def target(abstract_tree: Any, shardings: Any) -> Any:
+  """A restore target: the shapes of `abstract_tree` placed by `shardings` (any mesh, any process count)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)

@@ -295,9 +295,13 @@ class BatchIterator:
 
   A grain MapDataset is random access, so the whole iterator position is the batch index: batch k is a pure
   function of (rows, batch_size, seed, shuffle, k), whatever happened before.
+
+  `local_rows = (start, stop)` yields only those rows of each global batch: on a multi-host mesh every host
+  assembles just its own block of the batch, and the position (hence a checkpoint) is the same on every host.
   """
 
-  def __init__(self, rows: dict, batch_size: int, seed: int, shuffle: bool = True, cross_document_loss: bool = True):
+  def __init__(self, rows: dict, batch_size: int, seed: int, shuffle: bool = True, cross_document_loss: bool = True,
+               local_rows: tuple[int, int] | None = None):
     tokens = np.ascontiguousarray(rows["tokens"], dtype=np.int32)
     segment_ids = np.ascontiguousarray(rows["segment_ids"], dtype=np.int32)
     if tokens.ndim != 2 or tokens.shape[1] < 2 or segment_ids.shape != tokens.shape:
@@ -313,12 +317,16 @@ class BatchIterator:
       )
     if not 0 <= seed < _MAX_SEED:
       raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    start, stop = (0, batch_size) if local_rows is None else local_rows
+    if not 0 <= start < stop <= batch_size:
+      raise ValueError(f"local_rows {local_rows} is not a non-empty row range of a batch of {batch_size}")
     dataset = grain.MapDataset.range(tokens.shape[0])
     if shuffle:
       dataset = dataset.shuffle(seed=seed)
     # batch before repeat: each epoch is a fresh permutation cut into whole batches, its remainder dropped.
     dataset = dataset.batch(batch_size, drop_remainder=True).repeat()
-    self._dataset = dataset.map(functools.partial(_assemble, tokens, segment_ids, cross_document_loss))
+    assemble = functools.partial(_assemble, tokens, segment_ids, cross_document_loss)
+    self._dataset = dataset.map(lambda batch_rows: assemble(batch_rows[start:stop]))
     self.batches_per_epoch = tokens.shape[0] // batch_size
     self._step = 0
     # What a saved position is only valid for: restoring it against other data or settings would not be exact.
@@ -368,7 +376,13 @@ class BatchIterator:
 
 
 def make_batches(
-  rows: dict, batch_size: int, seed: int, shuffle: bool = True, cross_document_loss: bool = True
+  rows: dict,
+  batch_size: int,
+  seed: int,
+  shuffle: bool = True,
+  cross_document_loss: bool = True,
+  local_rows: tuple[int, int] | None = None,
 ) -> BatchIterator:
-  """Resumable iterator of {"inputs", "targets", "segment_ids", "loss_mask"} batches over packed rows."""
-  return BatchIterator(rows, batch_size, seed, shuffle, cross_document_loss)
+  """Resumable iterator of {"inputs", "targets", "segment_ids", "loss_mask"} batches over packed rows (this host's
+  `local_rows` of each batch when given)."""
+  return BatchIterator(rows, batch_size, seed, shuffle, cross_document_loss, local_rows)

@@ -7,6 +7,12 @@ One step (paper §2.1.2, §2.2, §4.2):
 3. Clip, AdamW, weight decay (masked); move the routing biases by gamma toward balance.
 4. If the loss or the gradient norm is not finite, keep the old parameters, optimizer state and
    biases, and count the skip; the host aborts after train.max_nonfinite_steps in a row.
+
+Under a mesh (`config.mesh`, dsv3_jax/sharding.py) the same step is jitted with explicit state and
+batch shardings and the state donated; state shardings come from `jax.eval_shape` of the init, so
+nothing is allocated before it is placed. Steps trace inside the mesh context and the logical-axis
+rules (expert parallelism keys off the context mesh). Every host assembles only its block of each
+global batch; metrics come back replicated, and only process 0 writes or prints them.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import os
 import time
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -23,6 +30,8 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dsv3_jax import balance
 from dsv3_jax import checkpoint
@@ -33,6 +42,7 @@ from dsv3_jax import loss as loss_lib
 from dsv3_jax import metrics as metrics_lib
 from dsv3_jax import model as model_lib
 from dsv3_jax import optimizer as optimizer_lib
+from dsv3_jax import sharding
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -67,8 +77,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("train.warmup_microbatches", 0 <= config.train.warmup_microbatches <= config.train.microbatches,
        "must be in [0, train.microbatches]"),
       ("data.batch_size", config.data.batch_size > 0, "must be positive"),
-      ("data.batch_size", config.data.batch_size % jax.device_count() == 0,
-       f"must be divisible by the {jax.device_count()} devices"),
       ("data.seq_len", config.data.seq_len > 0, "must be positive"),
       ("data.heldout_fraction", 0 < config.data.heldout_fraction < 1, "must be in (0, 1)"),
       ("optimizer.lr", config.optimizer.lr > 0, "must be positive"),
@@ -134,18 +142,77 @@ def eval_step(params, routing, batch, *, cfg, config) -> dict:
           "tokens": parts["tokens"]}
 
 
-def init_state(cfg, config, tx) -> TrainState:
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, state_rng = jax.random.split(rng)
-
-  @jax.jit
+def _init_fn(cfg, config, tx):
   def init():
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     variables = model_lib.init(cfg, init_rng, impl=config.train.impl)
     params = variables["params"]
     return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
                       routing=variables.get("routing", {}), rng=state_rng, nonfinite=jnp.zeros([], jnp.int32))
 
-  return init()
+  return init
+
+
+def init_state(cfg, config, tx, shardings: TrainState | None = None) -> TrainState:
+  """The initial state, created directly in `shardings` (see `state_shardings`) when given.
+
+  The init traces outside the mesh context on purpose: its forward pass only creates variables (XLA drops
+  the rest), so no activation constraint or expert-parallel dispatch has to cope with its dummy input.
+  """
+  return jax.jit(_init_fn(cfg, config, tx), out_shardings=shardings)()
+
+
+def state_shardings(cfg, config, tx, mesh) -> tuple[TrainState, TrainState]:
+  """(abstract state, its shardings on `mesh`) from `jax.eval_shape` of the init: nothing is allocated.
+
+  Parameters follow their logical axes, optimizer moments their parameters (ZeRO-1 splits them further
+  when config.mesh.zero1), routing biases and scalars are replicated.
+  """
+  model = model_lib.Transformer(cfg, impl=config.train.impl)
+  boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 2), jnp.int32)), jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(_init_fn(cfg, config, tx))
+  params = sharding.logical_shardings(boxed["params"], mesh)
+  routing = sharding.logical_shardings(boxed.get("routing", {}), mesh)
+  opt_state = sharding.optimizer_shardings(abstract.opt_state, nn.unbox(boxed["params"]), params, mesh,
+                                           config.mesh.zero1)
+  replicated = NamedSharding(mesh, P())
+  return abstract, TrainState(step=replicated, params=params, opt_state=opt_state, routing=routing, rng=replicated,
+                              nonfinite=replicated)
+
+
+def mesh_from_config(config: ml_collections.ConfigDict, cfg: config_lib.ModelConfig, devices=None):
+  """The run's mesh, after checking that it fits the devices, the model and the batch (errors name the axis)."""
+  devices = list(jax.devices() if devices is None else devices)
+  try:
+    sizes = sharding.mesh_sizes(config.mesh, len(devices))
+    sharding.check_mesh(cfg, sizes, config.data.batch_size, len(devices))
+  except sharding.MeshError as e:
+    raise ConfigValueError(f"config.mesh: {e}") from e
+  return sharding.make_mesh(sizes, devices)
+
+
+def compile_steps(cfg, config, tx, mesh, shardings: TrainState):
+  """(train_step, eval_step) jitted with explicit shardings; call them inside `sharding.use_mesh(mesh)`."""
+  kw = dict(cfg=cfg, config=config)
+  replicated = NamedSharding(mesh, P())
+  train = jax.jit(functools.partial(train_step, **kw, tx=tx), donate_argnums=(0,),
+                  in_shardings=(shardings, sharding.batch_sharding(mesh, 3, leading=1), replicated),
+                  out_shardings=(shardings, replicated))
+  evaluate = jax.jit(functools.partial(eval_step, **kw),
+                     in_shardings=(shardings.params, shardings.routing, sharding.batch_sharding(mesh, 2)),
+                     out_shardings=replicated)
+  return train, evaluate
+
+
+def place_batch(batch: dict[str, np.ndarray], mesh, global_batch: int, leading: int = 0) -> dict[str, jax.Array]:
+  """Global arrays from this host's rows of a batch (leaves [*leading, rows, ...]); no host sends another's."""
+  out = {}
+  for key, local in batch.items():
+    shape = list(local.shape)
+    shape[leading] = global_batch
+    out[key] = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, local.ndim, leading), local,
+                                                      tuple(shape))
+  return out
 
 
 class _Schedule:
@@ -176,7 +243,7 @@ def _next_batch(iterator, n_micro: int) -> dict:
 
 
 class _Run:
-  """Everything the host loop holds: data, compiled steps, checkpoints, metrics."""
+  """Everything the host loop holds: mesh, data, compiled steps, checkpoints, metrics."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     validate(config)
@@ -184,15 +251,17 @@ class _Run:
     d = config.data
     self.tokenizer = data.load_tokenizer(None if d.tokenizer == "bytes" else d.tokenizer, d.eos_token or None)
     self.cfg = model_config(config, self.tokenizer.vocab_size)
+    self.mesh = mesh_from_config(config, self.cfg)
+    self.local_rows = sharding.process_rows(sharding.batch_sharding(self.mesh, 2), (d.batch_size, d.seq_len), 0)
     load = functools.partial(data.load_split, d.source, tokenizer=self.tokenizer, seq_len=d.seq_len,
                              heldout_fraction=d.heldout_fraction, max_bytes=d.max_bytes or None)
     self.train_rows, self.heldout_rows = load(split="train"), load(split="heldout")
     self.unigram = data.unigram_entropy(self.train_rows["tokens"], self.tokenizer.vocab_size)
-    self.batches = data.make_batches(self.train_rows, d.batch_size, config.seed, True, d.cross_document_loss)
+    self.batches = data.make_batches(self.train_rows, d.batch_size, config.seed, True, d.cross_document_loss,
+                                     self.local_rows)
     self.tx = optimizer_lib.make(config.optimizer)
-    kw = dict(cfg=self.cfg, config=config)
-    self.train_step = jax.jit(functools.partial(train_step, **kw, tx=self.tx), donate_argnums=(0,))
-    self.eval_step = jax.jit(functools.partial(eval_step, **kw))
+    self.abstract, self.shardings = state_shardings(self.cfg, config, self.tx, self.mesh)
+    self._train_step, self._eval_step = compile_steps(self.cfg, config, self.tx, self.mesh, self.shardings)
     self.schedule = _Schedule(config)
     self.primary = jax.process_index() == 0
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.primary)
@@ -202,23 +271,29 @@ class _Run:
     self._clock = None  # (time, tokens seen) at the previous log line
 
   def start(self) -> tuple[TrainState, dict]:
-    """A fresh state, or the latest checkpoint's (state, data position, tokens seen)."""
-    state = init_state(self.cfg, self.config, self.tx)
-    host = {"tokens_seen": 0}
+    """A fresh state, or the latest checkpoint's (state, data position, tokens seen), placed on this mesh."""
     latest = self.checkpoints.latest_step()
-    if latest is not None:
-      state, host = self.checkpoints.restore(latest, checkpoint.abstract(state))
-      self.batches.set_state(host["data"])
-      self.writer.truncate_after(latest)
-      logging.info("resumed from step %d (%s tokens seen)", latest, f"{host['tokens_seen']:,}")
+    if latest is None:
+      return init_state(self.cfg, self.config, self.tx, self.shardings), {"tokens_seen": 0}
+    state, host = self.checkpoints.restore(latest, checkpoint.target(self.abstract, self.shardings))
+    self.batches.set_state(host["data"])
+    self.writer.truncate_after(latest)
+    logging.info("resumed from step %d (%s tokens seen)", latest, f"{host['tokens_seen']:,}")
     return state, host
 
+  def train_step(self, state: TrainState, n_micro: int, hparams: dict) -> tuple[TrainState, dict]:
+    batch = place_batch(_next_batch(self.batches, n_micro), self.mesh, self.config.data.batch_size, leading=1)
+    with sharding.use_mesh(self.mesh):
+      return self._train_step(state, batch, hparams)
+
   def evaluate(self, state: TrainState) -> dict[str, float]:
-    batches = data.make_batches(self.heldout_rows, self.config.data.batch_size, 0, False,
-                                self.config.data.cross_document_loss)
+    d = self.config.data
+    batches = data.make_batches(self.heldout_rows, d.batch_size, 0, False, d.cross_document_loss, self.local_rows)
     totals = {"ce": 0.0, "mtp": 0.0, "tokens": 0.0}
     for _ in range(self.config.train.eval_batches):
-      out = self.eval_step(state.params, state.routing, next(batches))
+      batch = place_batch(next(batches), self.mesh, d.batch_size)
+      with sharding.use_mesh(self.mesh):
+        out = self._eval_step(state.params, state.routing, batch)
       totals = {k: totals[k] + float(out[k]) for k in totals}
     n = max(totals["tokens"], 1.0)
     return {"loss": totals["ce"] / n, "mtp_loss": totals["mtp"] / n, "unigram_entropy": self.unigram}
@@ -240,8 +315,16 @@ class _Run:
       print(progress.line(step, scalars), flush=True)
 
   def sample(self, state: TrainState) -> list[str]:
+    """Samples after training (none when sample.max_new_tokens is 0 or there are no prompts).
+
+    The sampler runs on fully replicated variables outside the mesh context, so every host gets the same
+    text; that copy must fit on one device (turn sampling off for models that do not).
+    """
     c = self.config.sample
-    variables = {"params": state.params, "routing": state.routing}
+    if not c.max_new_tokens or not c.prompts:
+      return []
+    replicate = jax.jit(lambda v: v, out_shardings=NamedSharding(self.mesh, P()))
+    variables = replicate({"params": state.params, "routing": state.routing})
     prompts = [self.tokenizer.encode(p) for p in c.prompts]
     lines = []
     for temperature in (0.0, c.temperature):
@@ -260,15 +343,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   start_step, steps = int(state.step), config.train.steps
   tokens_seen = int(host["tokens_seen"])
   progress = metrics_lib.Progress(steps, start_step)
-  logging.info("model %s parameters; corpus %d train rows, %d held-out rows; unigram entropy %.3f nats",
-               f"{sum(x.size for x in jax.tree.leaves(state.params)):,}", len(r.train_rows["tokens"]),
+  logging.info("model %s parameters; mesh %s over %d devices in %d processes (this host's batch rows %d:%d); "
+               "corpus %d train rows, %d held-out rows; unigram entropy %.3f nats",
+               f"{sum(x.size for x in jax.tree.leaves(state.params)):,}", sharding.describe(r.mesh.shape),
+               r.mesh.size, jax.process_count(), *r.local_rows, len(r.train_rows["tokens"]),
                len(r.heldout_rows["tokens"]), r.unigram)
   pending = None
   last_eval = None
   for step in range(start_step, steps):
     n_micro = r.schedule.microbatches(tokens_seen)
-    batch = _next_batch(r.batches, n_micro)
-    state, m = r.train_step(state, batch, r.schedule.hparams(tokens_seen))
+    state, m = r.train_step(state, n_micro, r.schedule.hparams(tokens_seen))
     tokens_seen += n_micro * r.schedule.tokens_per_micro
     if pending is not None:  # read step n-1's metrics while step n runs
       _check_finite(pending, config)

@@ -3,7 +3,13 @@
   python -m experiments.train --config=configs/small_cpu.py --workdir=/tmp/small
   python -m experiments.train --config=configs/tiny_cpu.py --workdir=/tmp/tiny --config.train.steps=50
 
-Restarting with the same --workdir resumes from its latest checkpoint.
+Restarting with the same --workdir resumes from its latest checkpoint (on any mesh or process count).
+Meshes: --config.mesh.data=2 --config.mesh.expert=4 (see configs/base.py). Several processes, one per
+host, each started with the same flags plus its own id:
+
+  python -m experiments.train ... --coordinator_address=host0:12355 --num_processes=2 --process_id=0
+
+Inside a multi-process SLURM or Open MPI job the flags can be left out (--distributed=auto).
 """
 
 from __future__ import annotations
@@ -14,24 +20,38 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from dsv3_jax import plots
+from dsv3_jax import distributed
 from dsv3_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.", required=True)
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", distributed.MODES,
+                                 "jax.distributed: auto (flags, JAX_COORDINATOR_ADDRESS or a SLURM/MPI job), on, off.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
 
 
 def main(argv):
   del argv
+  distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)  # one log for the job: process 0's
   logging.info("jax %s, process %d of %d, %d local / %d global devices", jax.__version__, jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   summary = train.run(_CONFIG.value, _WORKDIR.value)
-  if jax.process_index() != 0:
-    return
+  if jax.process_index() == 0:
+    _report(summary)
+  distributed.shutdown()
+
+
+def _report(summary) -> None:
   heldout = summary["heldout"]
   print(f"held-out loss {heldout['loss']:.3f} nats/token (unigram entropy {heldout['unigram_entropy']:.3f})")
   print("\n".join(summary["samples"]))
   if _CONFIG.value.train.plot:
+    from dsv3_jax import plots  # here, not at the top: matplotlib adds seconds to every process's start-up
+
     for path in plots.write_plots(_WORKDIR.value):
       print(f"plot: {path}")
 
