@@ -455,20 +455,6 @@ def load(hf_dir: str, cfg: config_lib.ModelConfig | None = None, dtype: str = "f
   return variables, convert.unflatten({key[1:]: value for key, value in built.items() if key[0] == "fp8"})
 
 
-def parse_mesh(spec: str) -> jax.sharding.Mesh:
-  """'fsdp:4,expert:2' -> a mesh over all devices with the project's axes (the others of size 1)."""
-  sizes = {}
-  for part in spec.split(","):
-    name, _, size = part.partition(":")
-    if name not in sharding.MESH_AXES or not size.isdigit() or int(size) < 1 or name in sizes:
-      raise ValueError(f"{part!r} is not <axis>:<size> with a new axis of {sharding.MESH_AXES}")
-    sizes[name] = int(size)
-  shape = [sizes.get(axis, 1) for axis in sharding.MESH_AXES]
-  if math.prod(shape) != jax.device_count():
-    raise ValueError(f"the mesh has {math.prod(shape)} devices; there are {jax.device_count()}")
-  return jax.sharding.Mesh(np.array(jax.devices()).reshape(shape), sharding.MESH_AXES)
-
-
 def variable_shardings(cfg: config_lib.ModelConfig, mesh: jax.sharding.Mesh) -> dict:
   """Each variable's sharding on `mesh`, from the model's logical axes and the rules table."""
   model = model_lib.Transformer(cfg)

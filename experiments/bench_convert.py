@@ -6,7 +6,7 @@ Writes a random FP8 checkpoint (DeepSeek-V3 layout, 128x128 block scales) in a c
 loads it twice, each time in a fresh child process, and reports that process's peak RSS beside the
 output size and the largest tensor:
   1. `hf_checkpoint.load(..., dtype=--dtype)` into host numpy arrays;
-  2. the same onto a mesh (--mesh, default fsdp:4 x expert:2) over 8 fake CPU devices (XLA_FLAGS set
+  2. the same onto a mesh (--mesh, default fsdp=4,expert=2) over 8 fake CPU devices (XLA_FLAGS set
      for that child before it imports jax), each device's slices read and put on it one at a time.
 A streaming load peaks near (interpreter + libraries) + output + a few copies of the largest tensor.
 On CPU the devices' buffers are host memory, so the sharded load's output counts in its RSS too.
@@ -30,6 +30,8 @@ from absl import flags
 from dsv3_jax import config
 from dsv3_jax import convert
 from dsv3_jax import hf_checkpoint
+from dsv3_jax import sharding
+from experiments import mesh_flag
 
 # The sharded stage's child process gets 8 fake CPU devices; XLA reads this before jax starts there.
 _FAKE_DEVICES = "--xla_force_host_platform_device_count=8"
@@ -38,7 +40,11 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/dsv3_bench_convert", "Where the 
 _N_LAYERS = flags.DEFINE_integer("n_layers", 11, "Decoder layers of the generated model (1 dense, rest MoE).")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Dtype the load dequantises to.")
 _SHARD_GIB = flags.DEFINE_float("shard_gib", 0.25, "Largest shard of the generated checkpoint.")
-_MESH = flags.DEFINE_string("mesh", "fsdp:4,expert:2", "Mesh of the sharded load (over the fake CPU devices).")
+_DEFAULT_MESH = "fsdp=4,expert=2"  # --mesh of the sharded load, over the fake CPU devices
+
+
+def _mesh_spec() -> str:
+  return mesh_flag.MESH.value or _DEFAULT_MESH
 _STAGE = flags.DEFINE_enum("stage", "all", ["all", "generate", "load", "load_sharded"], "Internal: child stage.")
 
 
@@ -71,7 +77,7 @@ def _output_bytes(variables) -> int:
 
 def _load(path: str, sharded: bool) -> dict:
   cfg = _config()
-  shardings = hf_checkpoint.variable_shardings(cfg, hf_checkpoint.parse_mesh(_MESH.value)) if sharded else None
+  shardings = hf_checkpoint.variable_shardings(cfg, sharding.mesh_from_spec(_mesh_spec())) if sharded else None
   files = hf_checkpoint.open_checkpoint(path)
   baseline = _peak_rss_bytes()  # high-water mark after imports, before any tensor is read
   start = time.perf_counter()
@@ -98,7 +104,7 @@ def _load(path: str, sharded: bool) -> dict:
 def _child(stage: str) -> str:
   args = [sys.executable, "-m", "experiments.bench_convert", f"--stage={stage}", f"--workdir={_WORKDIR.value}",
           f"--n_layers={_N_LAYERS.value}", f"--dtype={_DTYPE.value}", f"--shard_gib={_SHARD_GIB.value}",
-          f"--mesh={_MESH.value}"]
+          f"--mesh={_mesh_spec()}"]
   env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {_FAKE_DEVICES}".strip()}
   return subprocess.run(args, check=True, capture_output=True, text=True,
                         env=env if stage == "load_sharded" else None).stdout
@@ -130,7 +136,7 @@ def main(argv):
     print(f"largest tensor: {plain['largest_tensor']} ({plain['largest_tensor_elements']:,} elements, "
           f"{plain['largest_tensor_bytes_as_loaded'] / 2**20:.0f} MiB as {_DTYPE.value})")
     _report("plain (host numpy)", plain)
-    _report(f"sharded ({_MESH.value} over {sharded['devices']} CPU devices)", sharded)
+    _report(f"sharded ({_mesh_spec()} over {sharded['devices']} CPU devices)", sharded)
 
 
 if __name__ == "__main__":

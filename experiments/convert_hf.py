@@ -1,6 +1,6 @@
 """Converts a DeepSeek-V3 HF safetensors checkpoint (FP8 included) to an orbax checkpoint and back.
 
-  python -m experiments.convert_hf --hf_dir=/path/to/hf --out=/path/to/ours --dtype=bf16 [--mesh=fsdp:4,expert:2]
+  python -m experiments.convert_hf --hf_dir=/path/to/hf --out=/path/to/ours --dtype=bf16 [--mesh=fsdp=4,expert=2]
   python -m experiments.convert_hf --to_hf --checkpoint=/path/to/ours --out=/path/to/hf --dtype=fp8
 
 Our layout: `<out>/variables` (orbax, {"params", "routing"}), `<out>/config.json` (the HF config
@@ -34,6 +34,8 @@ from absl import logging
 from dsv3_jax import config
 from dsv3_jax import convert
 from dsv3_jax import hf_checkpoint
+from dsv3_jax import sharding
+from experiments import mesh_flag
 
 _DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp8": "fp8"}
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "HF checkpoint directory to read (config.json + safetensors).")
@@ -43,7 +45,6 @@ _DTYPE = flags.DEFINE_enum("dtype", "bf16", list(_DTYPES), "Weight dtype; fp8 ke
 _TO_HF = flags.DEFINE_bool("to_hf", False, "Convert our checkpoint (--checkpoint) to HF safetensors.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
 _SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "With --to_hf: largest safetensors shard, GB.")
-_MESH = flags.DEFINE_string("mesh", None, "Mesh axis sizes, e.g. 'fsdp:4,expert:2'; unset: host numpy arrays.")
 _SCALE_FMT = flags.DEFINE_enum("scale_fmt", None, ["ue8m0"], "With --to_hf --dtype=fp8: power-of-two scales for "
                                "weights quantised here (stored FP8 weights keep their own).")
 
@@ -77,8 +78,8 @@ class Progress:
 
 def parse_mesh(spec: str) -> jax.sharding.Mesh:
   try:
-    return hf_checkpoint.parse_mesh(spec)
-  except ValueError as e:
+    return sharding.mesh_from_spec(spec)
+  except sharding.MeshError as e:
     raise app.UsageError(f"--mesh={spec}: {e}") from e
 
 
@@ -174,7 +175,7 @@ def main(argv):
   if not _OUT.value:
     raise app.UsageError("--out is required")
   dtype = _DTYPES[_DTYPE.value]
-  mesh = parse_mesh(_MESH.value) if _MESH.value else None
+  mesh = parse_mesh(mesh_flag.MESH.value) if mesh_flag.MESH.value else None  # none: host numpy arrays
   if _TO_HF.value:
     if not _CHECKPOINT.value:
       raise app.UsageError("--to_hf needs --checkpoint")

@@ -40,8 +40,9 @@ from dsv3_jax import config
 from dsv3_jax import loss as loss_lib
 from dsv3_jax import model as model_lib
 from dsv3_jax import sharding
+from experiments import mesh_flag
 
-_MESH = flags.DEFINE_string("mesh", "expert=8", "Mesh axis sizes, e.g. data=2,expert=4 (others are 1).")
+_DEFAULT_MESH = "expert=8"  # without --mesh
 _BATCH = flags.DEFINE_integer("batch", 16, "Sequences per step.")
 _SEQ = flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
 _DUMP_DIR = flags.DEFINE_string("dump_dir", None, "Optional directory for XLA's dumps (HLO passes, PTX).")
@@ -230,16 +231,6 @@ def format_report(collectives: list[AsyncCollective], sync: list[tuple[str, str]
 # The step.
 
 
-def parse_mesh(spec: str) -> dict[str, int]:
-  sizes = {}
-  for part in filter(None, spec.split(",")):
-    axis, _, size = part.partition("=")
-    if axis not in sharding.MESH_AXES or not size.isdigit() or int(size) < 1:
-      raise ValueError(f"--mesh entry {part!r}: want <axis>=<size> with axis in {sharding.MESH_AXES}")
-    sizes[axis] = int(size)
-  return sizes
-
-
 def step_config() -> config.ModelConfig:
   return config.tiny(dim=256, n_heads=4, inter_dim=512, moe_inter_dim=128, n_layers=3, n_dense_layers=1,
                      n_routed_experts=32, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2,
@@ -286,7 +277,7 @@ def main(argv):
   if not plugin_installed():
     raise SystemExit("the CUDA plugin is not installed beside JAX: pip install jax-cuda12-plugin==0.10.2 "
                      "jax-cuda12-pjrt==0.10.2 (in a separate environment; see docs/EXPERT_PARALLEL.md)")
-  mesh_sizes = parse_mesh(_MESH.value)
+  mesh_sizes = sharding.parse_sizes(mesh_flag.MESH.value or _DEFAULT_MESH)
   logging.info("jax %s, process %d of %d, host devices %s; compiling for %s H100s, mesh %s", jax.__version__,
                jax.process_index(), jax.process_count(), jax.devices(), int(np.prod(list(mesh_sizes.values()))),
                mesh_sizes)

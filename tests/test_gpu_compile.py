@@ -3,6 +3,7 @@
 import pytest
 
 from dsv3_jax import config
+from dsv3_jax import sharding
 from experiments import gpu_compile_check as check
 
 SCHEDULED_HLO = """\
@@ -70,9 +71,9 @@ def test_schedule_analysis_refuses_an_unfinished_collective():
 
 
 def test_mesh_flag_names_a_bad_axis():
-  assert check.parse_mesh("data=2,expert=4") == {"data": 2, "expert": 4}
-  with pytest.raises(ValueError, match="--mesh entry 'experts=8'"):
-    check.parse_mesh("experts=8")
+  assert sharding.parse_sizes("data=2,expert=4") == {"data": 2, "expert": 4}
+  with pytest.raises(sharding.MeshError, match="mesh entry 'experts=8'"):
+    sharding.parse_sizes("experts=8")
 
 
 @pytest.mark.skipif(not check.plugin_installed(),

@@ -558,5 +558,5 @@ def test_progress_line_reports_percent_and_rate():
   lines = stream.getvalue().splitlines()
   assert len(lines) == 3 and lines[1].startswith("read: 0.25/1.00 GB (25%), ") and "MB/s" in lines[1]
   assert "(100%)" in lines[-1]
-  with pytest.raises(Exception, match="--mesh=fsdp:3"):
-    convert_hf.parse_mesh("fsdp:3")
+  with pytest.raises(Exception, match="--mesh=fsdp=3"):
+    convert_hf.parse_mesh("fsdp=3")
