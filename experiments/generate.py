@@ -111,6 +111,13 @@ class _Printer:
 
 def main(argv):
   del argv
+  try:
+    run()
+  except (generate.CheckpointMismatch, FileNotFoundError, ValueError) as e:  # bad input: the message says it all
+    sys.exit(f"error: {e}")
+
+
+def run():
   if not _CHECKPOINT.value:
     raise app.UsageError("--checkpoint is required")
   cfg, tokenizer = model_and_tokenizer(_CHECKPOINT.value, _CONFIG.value, _TOKENIZER.value)
