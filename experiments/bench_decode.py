@@ -90,8 +90,12 @@ def _hf_model(variables, cfg, hf_dir: str | None = None):
   import transformers
 
   if hf_dir is not None:
-    return transformers.DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
-                                                              attn_implementation="eager").eval()
+    model = transformers.DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+    # transformers' MtpModel finds the MTP layer through this pattern, which names layer 61 (the
+    # 671B model's); point it at this model's MTP layer, layer n_layers.
+    model._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{cfg.n_layers}\..*"]
+    return model
   hf_config = transformers.DeepseekV3Config(**cfg.to_hf(), attn_implementation="eager")
   model = transformers.DeepseekV3ForCausalLM(hf_config).float().eval()
   state = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in
@@ -210,6 +214,8 @@ def run(tmp_dir: str) -> None:
       if hf_mtp_model is not None and batch == 1:
         try:
           row["transformers_mtp"] = theirs(hf_mtp_model, prompts, _NEW.value, _REPEATS.value, use_mtp=True)
+          row["greedy_agreement_with_transformers_mtp"] = _agreement(row["ours"]["tokens"],
+                                                                     row["transformers_mtp"]["tokens"])
         except Exception as e:  # noqa: BLE001
           row["transformers_mtp"] = {"error": f"{type(e).__name__}: {e}"}
     row["speculative_speedup"] = (row["ours_speculative"]["decode_tokens_per_s"]["median"]
@@ -246,6 +252,9 @@ def _print_row(row: dict) -> None:
     print(f"ours / transformers: decode {row['decode_ratio_vs_transformers']:.2f}x, "
           f"prefill {row['prefill_ratio_vs_transformers']:.2f}x; identical greedy output for "
           f"{row['greedy_agreement_with_transformers']:.0%} of sequences")
+  if "greedy_agreement_with_transformers_mtp" in row:
+    print(f"transformers' MTP generation: identical greedy output for "
+          f"{row['greedy_agreement_with_transformers_mtp']:.0%} of sequences")
   print(f"speculative / plain decode: {row['speculative_speedup']:.2f}x; identical output: "
         f"{row['speculative_equals_plain']}")
 
