@@ -41,40 +41,41 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir to load;
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to measure.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per sequence.")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "Generated tokens per sequence.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions per figure.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions per figure.")
 _HF = flags.DEFINE_bool("hf", True, "Also time transformers.")
 _JSON = flags.DEFINE_string("json_out", None, "Write the figures here as JSON.")
 
 
-def _timed(fn, repeats: int) -> dict:
+def _timed(fn, repeats: int) -> list[float]:
   fn()  # warm-up: compilation, allocator
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     fn()
     times.append(time.perf_counter() - start)
-  return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+  return times
 
 
-def _rate(tokens: int, seconds: dict) -> dict:
-  """tokens/s for the median, and the range (the fastest run gives the max rate)."""
-  return {"median": tokens / seconds["median"], "min": tokens / seconds["max"], "max": tokens / seconds["min"]}
+def _rate(tokens: int, times: list[float]) -> dict:
+  """tokens/s: the median run's, and the range (the fastest run gives the max rate)."""
+  return {k: tokens / v for k, v in (("median", statistics.median(times)), ("min", max(times)),
+                                     ("max", min(times)))}
 
 
 def ours(variables, cfg, prompts: np.ndarray, new_tokens: int, speculative: bool, repeats: int) -> dict:
+  """Prefill and decode timed separately in every repetition (each phase blocked on)."""
   request = generate.prepare(cfg, prompts.tolist(), new_tokens, speculative=speculative)
-  kw = request.kwargs
   rng = jax.random.PRNGKey(0)
-  run_prefill = lambda: generate.start(variables, request, rng)
-  prefill_s = _timed(lambda: jax.block_until_ready(run_prefill()), repeats)
-  results = []
-
-  def whole():
-    state = generate.decode_to_end(variables, run_prefill(), **kw)
-    results.append(generate.collect(jax.block_until_ready(state), request))
-
-  total_s = _timed(whole, repeats)
-  decode_s = {k: max(total_s[k] - prefill_s[k], 1e-9) for k in total_s}
+  prefill_s, decode_s, results = [], [], []
+  for _ in range(repeats + 1):  # the first is the warm-up
+    start = time.perf_counter()
+    state = jax.block_until_ready(generate.start(variables, request, rng))
+    middle = time.perf_counter()
+    state = jax.block_until_ready(generate.decode_to_end(variables, state, **request.kwargs))
+    prefill_s.append(middle - start)
+    decode_s.append(time.perf_counter() - middle)
+    results.append(generate.collect(state, request))
+  prefill_s, decode_s = prefill_s[1:], decode_s[1:]
   batch = len(prompts)
   out = {"prefill_tokens_per_s": _rate(prompts.size, prefill_s),
          "decode_tokens_per_s": _rate(batch * (new_tokens - 1), decode_s),
@@ -120,7 +121,7 @@ def theirs(hf_model, prompts: np.ndarray, new_tokens: int, repeats: int, **gener
     prefill_s = _timed(lambda: hf_model(ids, attention_mask=mask, use_cache=True), repeats)
     outputs = []
     total_s = _timed(lambda: outputs.append(hf_model.generate(ids, return_dict_in_generate=True, **config)), repeats)
-  decode_s = {k: max(total_s[k] - prefill_s[k], 1e-9) for k in total_s}
+  decode_s = [t - statistics.median(prefill_s) for t in total_s]  # generate() does not time its phases
   out = outputs[-1]
   cache_bytes = sum(t.numel() * t.element_size() for t in _tensors(out.past_key_values))
   cached_tokens = out.sequences.shape[1] - 1  # the last token is never fed back
