@@ -58,9 +58,11 @@ class MLA(nn.Module):
     kv_latent, k_pe = jnp.split(self.wkv_a(x_BSD), [self.cfg.kv_lora_rank], axis=-1)
     return self.kv_norm(kv_latent), rope.apply(k_pe, cos, sin)
 
-  def _probs(self, scores_BHST, mask_BST):
-    """Scaled, masked softmax in fp32, cast back to the activation dtype."""
-    scores = scores_BHST.astype(jnp.float32) * self.cfg.softmax_scale
+  def _probs(self, scores_BHST, mask_BST, scale: float):
+    """Scaled (by `scale`; 1 when the queries carry it), masked softmax in fp32, cast to the activation dtype."""
+    scores = scores_BHST.astype(jnp.float32)
+    if scale != 1.0:
+      scores = scores * scale
     scores = jnp.where(mask_BST[:, None], scores, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(scores, axis=-1).astype(self.cfg.compute_dtype)
 
@@ -79,9 +81,14 @@ class MLA(nn.Module):
       cache = _write_cache(cache, kv_latent_BTC, k_pe_BTR, positions_BS[:, 0])
     kv_BTHK = self.wkv_b(kv_latent_BTC).reshape(*kv_latent_BTC.shape[:2], c.n_heads, -1)
     k_nope_BTHK, v_BTHV = jnp.split(kv_BTHK, [c.qk_nope_head_dim], axis=-1)
-    scores = (jnp.einsum("bshk,bthk->bhst", q_nope_BSHK, k_nope_BTHK)
-              + jnp.einsum("bshr,btr->bhst", q_pe_BSHR, k_pe_BTR))
-    out_BSHV = jnp.einsum("bhst,bthv->bshv", self._probs(scores, mask_BST), v_BTHV)
+    # One score matmul over [nope | rope] per head (the shared roped key broadcast to every head), with the
+    # softmax scale folded into the queries: the [B, H, S, T] scores are written once, instead of twice,
+    # then added and scaled (the passes over S x T that dominate at long sequences).
+    q_BSHK = jnp.concatenate([q_nope_BSHK, q_pe_BSHR], axis=-1) * jnp.asarray(c.softmax_scale, q_pe_BSHR.dtype)
+    k_pe_BTHR = jnp.broadcast_to(k_pe_BTR[:, :, None, :], (*k_pe_BTR.shape[:2], c.n_heads, c.qk_rope_head_dim))
+    k_BTHK = jnp.concatenate([k_nope_BTHK, k_pe_BTHR.astype(k_nope_BTHK.dtype)], axis=-1)
+    scores = jnp.einsum("bshk,bthk->bhst", q_BSHK, k_BTHK)
+    out_BSHV = jnp.einsum("bhst,bthv->bshv", self._probs(scores, mask_BST, 1.0), v_BTHV)
     out_BSD = self.wo(out_BSHV.reshape(*x_BSD.shape[:2], -1))
     return out_BSD if cache is None else (out_BSD, cache)
 
@@ -108,7 +115,7 @@ class MLA(nn.Module):
               + jnp.einsum("bshr,btr->bhst", q_pe_BSHR, pe_BTR))
     key_pos_T = jnp.arange(kv_BTC.shape[1])
     mask_BST = key_pos_T[None, None, :] <= positions_BS[:, :, None]
-    ctx_BSHC = jnp.einsum("bhst,btc->bshc", self._probs(scores, mask_BST), kv_BTC)
+    ctx_BSHC = jnp.einsum("bhst,btc->bshc", self._probs(scores, mask_BST, c.softmax_scale), kv_BTC)
     out_BSHV = jnp.einsum("bshc,chv->bshv", ctx_BSHC, w_uv_CHV)
     return self.wo(out_BSHV.reshape(*x_BSD.shape[:2], -1)), cache
 
