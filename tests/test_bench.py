@@ -1,0 +1,120 @@
+"""The benchmark suite's pieces on the tiny config, one repetition each (timings are not asserted)."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+from absl import flags
+
+from configs import tiny_cpu
+from dsv3_jax import config as config_lib
+from dsv3_jax import param_count
+from dsv3_jax import torch_parity
+from experiments import bench
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _parsed_flags():
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(["bench"])  # default flag values; the functions under test take their settings as arguments
+
+
+@pytest.fixture(scope="module")
+def tiny_config():
+  return bench.bench_config(tiny_cpu.get_config(), n_mtp_layers=0)
+
+
+def test_matmul_peak_both_frameworks():
+  for framework in ("jax", "torch"):
+    rate = bench.matmul_peak(framework, (64, 32, 48), repetitions=2)
+    assert rate["n"] == 2 and 0 < rate["min"] <= rate["median"] <= rate["max"]
+  with pytest.raises(ValueError, match="'numpy'"):
+    bench.matmul_peak("numpy", (8, 8, 8), repetitions=1)
+
+
+def test_peer_holds_our_weights(tiny_config):
+  """transformers' model built by the bench gives our logits: the side-by-side compares one model."""
+  cfg = config_lib.ModelConfig(**tiny_config.model.to_dict())
+  rng = np.random.default_rng(3)  # O(1) activations and non-zero routing biases, so a misplaced weight shows
+  variables = jax.tree.map(lambda s: (rng.normal(size=s.shape) / np.sqrt(s.shape[-2] if len(s.shape) > 1 else 10.0)
+                                      + (len(s.shape) == 1)).astype(np.float32), param_count.variable_shapes(cfg))
+  hf = bench.hf_model(variables, cfg).eval()
+  tokens = bench.random_tokens(cfg.vocab_size, 2, 12)[:, :-1]
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+  ours, _, _ = torch_parity.ours_forward(variables, cfg, tokens)
+  np.testing.assert_allclose(ours, theirs, atol=1e-5)
+  with pytest.raises(ValueError, match="no MTP"):
+    bench.hf_model(variables, cfg.replace(n_mtp_layers=1))
+
+
+def test_train_figures_side_by_side(tiny_config):
+  out = bench.train_figures(tiny_config, peak=100.0, repetitions=1, steps=1, warmup=0, torch_compile=False)
+  runs = out["runs"]
+  assert set(runs) == {"ours", "transformers_eager"}  # MTP off in this config: no ours_with_mtp row
+  # Same weights and tokens: the first step's cross-entropy agrees before either side has updated anything.
+  assert runs["ours"]["first_step_ce"] == pytest.approx(runs["transformers_eager"]["first_step_ce"], abs=1e-5)
+  for run in runs.values():
+    assert run["tokens_per_s"]["median"] > 0 and not run["mtp"]
+    assert run["mfu"] == pytest.approx(run["model_gflops_per_s"] / 100.0)
+  assert out["ours_vs_faster_torch"] == pytest.approx(
+      runs["ours"]["tokens_per_s"]["median"] / runs["transformers_eager"]["tokens_per_s"]["median"])
+  assert runs["transformers_eager"]["implementation"]["experts"]
+
+
+def test_seq_sweep_child_process(tiny_config):
+  out = bench.seq_sweep(tiny_config, [16], tokens=32, repetitions=1, warmup=0)
+  (point,) = out["points"]
+  assert (point["seq_len"], point["batch"]) == (16, 2)
+  assert point["peak_rss_bytes"] >= point["peak_rss_before_model_bytes"] > 0
+  assert point["time_ratio"] == point["flop_ratio"] == 1.0
+
+
+def test_exclusive_times_take_nested_ops_out():
+  ev = lambda op, ts, dur, tid=1: {"tid": tid, "ts": ts, "dur": dur, "args": {"hlo_op": op}}
+  events = [ev("while.1", 0, 100), ev("dot.1", 10, 30), ev("dot.1", 50, 30), ev("fusion.2", 60, 10),
+            ev("copy.3", 120, 5), ev("dot.9", 0, 40, tid=2)]
+  got = bench._exclusive_times(events)
+  assert got == {"while.1": 40, "dot.1": 50, "fusion.2": 10, "copy.3": 5, "dot.9": 40}
+
+
+def test_components_and_matmuls():
+  experts = "jit(train_step)/while/body/jvp(Transformer)/Transformer._trunk/while/body/moe_layers/ffn/experts/cond/dot"
+  assert bench._component(experts).startswith("MoE routed experts")
+  assert bench._component("jit(train_step)/jvp(Transformer)/Transformer._trunk/broadcast_in_dim").startswith("layer")
+  assert bench._component("jit(train_step)/mul") == "optimizer, clipping, bias update"
+  assert bench._component("") == "other"
+  assert bench._is_matmul("ynn_fusion.3", experts + "_general") and not bench._is_matmul("ynn_fusion.3", experts)
+
+
+def test_goals_report_missed_targets():
+  report = {"train": {"ours_vs_faster_torch": 1.2, "runs": {"ours": {"mfu": 0.6}}},
+            "seq": {"points": [{"seq_len": 512, "time_ratio": 1.0, "flop_ratio": 1.0},
+                               {"seq_len": 4096, "time_ratio": 3.0, "flop_ratio": 2.0}]}}
+  met = {g["target"]: g["met"] for g in bench.goals(report)}
+  assert met == {">= 1.5x": False, ">= 50%": True, "time ratio <= FLOP ratio": False}
+
+
+def test_replace_section_keeps_the_rest(tmp_path):
+  path = tmp_path / "doc.md"
+  path.write_text(f"# Title\nhand-written\n{bench.MARK_BEGIN}\nold\n{bench.MARK_END}\ntail\n")
+  bench.replace_section(str(path), "new table\n")
+  assert path.read_text() == f"# Title\nhand-written\n{bench.MARK_BEGIN}\nnew table\n{bench.MARK_END}\ntail\n"
+  broken = tmp_path / "broken.md"
+  broken.write_text(f"no markers\n{bench.MARK_END}\n")
+  with pytest.raises(ValueError, match="bench:begin"):
+    bench.replace_section(str(broken), "x")
+  assert broken.read_text() == f"no markers\n{bench.MARK_END}\n"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.md", "doc.md"]  # no temporary file left
+
+
+def test_bench_gpu_stops_plainly_without_a_gpu():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-m", "experiments.bench_gpu"], cwd=bench._REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  assert "needs a GPU, but JAX's backend is 'cpu'" in proc.stderr and "nothing was measured" in proc.stderr
