@@ -15,6 +15,8 @@ from dsv3_jax import config as config_lib
 from dsv3_jax import param_count
 from dsv3_jax import torch_parity
 from experiments import bench
+from experiments import bench_profile
+from experiments import bench_report
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -78,37 +80,40 @@ def test_exclusive_times_take_nested_ops_out():
   ev = lambda op, ts, dur, tid=1: {"tid": tid, "ts": ts, "dur": dur, "args": {"hlo_op": op}}
   events = [ev("while.1", 0, 100), ev("dot.1", 10, 30), ev("dot.1", 50, 30), ev("fusion.2", 60, 10),
             ev("copy.3", 120, 5), ev("dot.9", 0, 40, tid=2)]
-  got = bench._exclusive_times(events)
+  got = bench_profile._exclusive_times(events)
   assert got == {"while.1": 40, "dot.1": 50, "fusion.2": 10, "copy.3": 5, "dot.9": 40}
 
 
 def test_components_and_matmuls():
   experts = "jit(train_step)/while/body/jvp(Transformer)/Transformer._trunk/while/body/moe_layers/ffn/experts/cond/dot"
-  assert bench._component(experts).startswith("MoE routed experts")
-  assert bench._component("jit(train_step)/jvp(Transformer)/Transformer._trunk/broadcast_in_dim").startswith("layer")
-  assert bench._component("jit(train_step)/mul") == "optimizer, clipping, bias update"
-  assert bench._component("") == "other"
-  assert bench._is_matmul("ynn_fusion.3", experts + "_general") and not bench._is_matmul("ynn_fusion.3", experts)
+  assert bench_profile._component(experts).startswith("MoE routed experts")
+  trunk = "jit(train_step)/jvp(Transformer)/Transformer._trunk/broadcast_in_dim"
+  assert bench_profile._component(trunk).startswith("layer")
+  assert bench_profile._component("jit(train_step)/mul") == "optimizer, clipping, bias update"
+  assert bench_profile._component("") == "other"
+  assert bench_profile._is_matmul("ynn_fusion.3", experts + "_general")
+  assert not bench_profile._is_matmul("ynn_fusion.3", experts)
 
 
 def test_goals_report_missed_targets():
   report = {"train": {"ours_vs_faster_torch": 1.2, "runs": {"ours": {"mfu": 0.6}}},
             "seq": {"points": [{"seq_len": 512, "time_ratio": 1.0, "flop_ratio": 1.0},
                                {"seq_len": 4096, "time_ratio": 3.0, "flop_ratio": 2.0}]}}
-  met = {g["target"]: g["met"] for g in bench.goals(report)}
+  met = {g["target"]: g["met"] for g in bench_report.goals(report)}
   assert met == {">= 1.5x": False, ">= 50%": True, "time ratio <= FLOP ratio": False}
 
 
 def test_replace_section_keeps_the_rest(tmp_path):
   path = tmp_path / "doc.md"
-  path.write_text(f"# Title\nhand-written\n{bench.MARK_BEGIN}\nold\n{bench.MARK_END}\ntail\n")
-  bench.replace_section(str(path), "new table\n")
-  assert path.read_text() == f"# Title\nhand-written\n{bench.MARK_BEGIN}\nnew table\n{bench.MARK_END}\ntail\n"
+  path.write_text(f"# Title\nhand-written\n{bench_report.MARK_BEGIN}\nold\n{bench_report.MARK_END}\ntail\n")
+  bench_report.replace_section(str(path), "new table\n")
+  begin, end = bench_report.MARK_BEGIN, bench_report.MARK_END
+  assert path.read_text() == f"# Title\nhand-written\n{begin}\nnew table\n{end}\ntail\n"
   broken = tmp_path / "broken.md"
-  broken.write_text(f"no markers\n{bench.MARK_END}\n")
+  broken.write_text(f"no markers\n{bench_report.MARK_END}\n")
   with pytest.raises(ValueError, match="bench:begin"):
-    bench.replace_section(str(broken), "x")
-  assert broken.read_text() == f"no markers\n{bench.MARK_END}\n"
+    bench_report.replace_section(str(broken), "x")
+  assert broken.read_text() == f"no markers\n{bench_report.MARK_END}\n"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.md", "doc.md"]  # no temporary file left
 
 
