@@ -9,16 +9,26 @@ import ml_collections
 
 from dsv3_jax import config as model_config
 
+# ModelConfig fields that the `precision` section sets instead (train.model_config puts them in).
+PRECISION_FIELDS = ("precision", "fp8_impl")
+
 
 def model_section(cfg: model_config.ModelConfig) -> ml_collections.ConfigDict:
   """The ModelConfig fields, each overridable as --config.model.<field>=... (see dsv3_jax/config.py)."""
-  return ml_collections.ConfigDict(dataclasses.asdict(cfg))
+  fields = dataclasses.asdict(cfg)
+  for name in PRECISION_FIELDS:
+    fields.pop(name)
+  return ml_collections.ConfigDict(fields)
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # parameter init, data order and sampling all derive from it
   c.model = model_section(model_config.small(vocab_size=257))  # architecture; vocab must cover the tokenizer
+
+  c.precision = ml_collections.ConfigDict()  # FP8 training (paper §3.3; docs/FP8.md)
+  c.precision.recipe = "bf16"  # bf16: every matmul in model.dtype; fp8: the blocks' Linears in block-scaled FP8
+  c.precision.impl = "auto"  # FP8 GEMM implementation (dsv3_jax/ops.py): auto (pallas on GPU, else xla) | xla | pallas
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "stdlib"  # "stdlib" (this Python's own library sources) or a .txt/.md/.py/.jsonl file or directory

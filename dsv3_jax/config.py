@@ -15,6 +15,8 @@ import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _SCORE_FUNCS = ("sigmoid", "softmax")
+PRECISION_RECIPES = ("bf16", "fp8")  # the run config's precision.recipe (docs/FP8.md)
+FP8_IMPLS = ("auto", "xla", "pallas")  # the run config's precision.impl: "auto" or one of ops.FP8_GEMM_IMPLS
 
 
 class ConfigError(ValueError):
@@ -67,6 +69,11 @@ class ModelConfig:
   # Numerics: activations/matmuls in `dtype`, parameters stored in `param_dtype`.
   dtype: str = "bfloat16"
   param_dtype: str = "float32"
+  # Precision recipe of the transformer blocks' Linears (MLA projections, dense MLP, shared and routed
+  # experts; paper §3.3): "bf16" multiplies in `dtype`, "fp8" runs their three GEMMs in block-scaled FP8
+  # (dsv3_jax/fp8.py) through `fp8_impl`. Set from the run config's `precision` section, not `model`.
+  precision: str = "bf16"
+  fp8_impl: str = "auto"  # "auto": the Pallas kernels on GPU, XLA elsewhere (ops.fp8_impl)
   init_std: float = 0.006  # paper §4.2: weights drawn from N(0, 0.006^2)
   bos_token_id: int = 0
   eos_token_id: int = 1
@@ -267,6 +274,9 @@ def _validate(c: ModelConfig) -> None:
   need(c.score_func in _SCORE_FUNCS, "score_func", f"must be one of {_SCORE_FUNCS}")
   need(c.dtype in _DTYPES, "dtype", f"must be one of {tuple(_DTYPES)}")
   need(c.param_dtype in _DTYPES, "param_dtype", f"must be one of {tuple(_DTYPES)}")
+  need(c.precision in PRECISION_RECIPES, "precision",
+       f"(run config key precision.recipe) must be one of {PRECISION_RECIPES}")
+  need(c.fp8_impl in FP8_IMPLS, "fp8_impl", f"(run config key precision.impl) must be one of {FP8_IMPLS}")
   need(c.n_routed_experts % c.n_expert_groups == 0, "n_expert_groups",
        f"must divide n_routed_experts = {c.n_routed_experts}")
   need(c.n_limited_groups <= c.n_expert_groups, "n_limited_groups",

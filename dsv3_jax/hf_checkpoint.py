@@ -6,8 +6,8 @@ only that slice's bytes.
 FP8. A weight `W` [out, in] e4m3 comes with `W_scale_inv` fp32 [ceil(out/128), ceil(in/128)], a
 multiplier per 128x128 block, edge blocks partial (numerics §6). Dequantising a slice reads only the
 scale blocks it overlaps and gives `cast(fp32(W) * scale)`, for bf16 the same bits as DeepSeek's
-`weight_dequant`. Quantising follows DeepSeek's block scheme: amax per block clamped at 1e-4,
-scale = amax / 448 (rounded up to a power of two for `scale_fmt: ue8m0`), clip to +-448, cast.
+`weight_dequant`. Quantising is `fp8.quantize_blocks`, DeepSeek's block scheme: amax per block clamped
+at 1e-4, scale = amax / 448 (rounded up to a power of two for `scale_fmt: ue8m0`), clip to +-448, cast.
 
 Loading (`load`) validates every header against the config first, then builds each of our leaves
 from the checkpoint tensors it stacks (the table in `convert.py`):
@@ -47,13 +47,13 @@ from absl import logging
 
 from dsv3_jax import config as config_lib
 from dsv3_jax import convert
+from dsv3_jax import fp8
 from dsv3_jax import model as model_lib
 from dsv3_jax import safetensors_file
 from dsv3_jax import sharding
 
 ConversionError = convert.ConversionError
-BLOCK = 128
-FP8_MAX = 448.0
+BLOCK = fp8.BLOCK
 INDEX = safetensors_file.INDEX
 SCALE_FMTS = (None, "ue8m0")
 QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [BLOCK, BLOCK],
@@ -121,25 +121,17 @@ def dequantize(w_fp8: np.ndarray, scale_inv: np.ndarray, dtype="float32", name: 
 
 
 def quantize(w: np.ndarray, scale_fmt: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """(e4m3 [out, in], fp32 scale_inv): amax per 128x128 block clamped at 1e-4, scale = amax/448.
+  """(e4m3 [out, in], fp32 scale_inv): `fp8.quantize_blocks`, DeepSeek's 128x128 block scheme.
 
   scale_fmt "ue8m0" rounds each scale up to a power of two (DeepSeek-V3.1's format).
   """
   if scale_fmt not in SCALE_FMTS:
     raise ValueError(f"scale_fmt {scale_fmt!r} is not one of {SCALE_FMTS}")
-  w = np.asarray(w, np.float32)
-  rows, cols = scale_shape(w.shape)
-  padded = np.zeros((rows * BLOCK, cols * BLOCK), np.float32)
-  padded[:w.shape[0], :w.shape[1]] = np.abs(w)
-  amax = padded.reshape(rows, BLOCK, cols, BLOCK).max(axis=(1, 3))
-  scale = (np.maximum(amax, 1e-4) / FP8_MAX).astype(np.float32)
-  if scale_fmt == "ue8m0":
-    mantissa, exponent = np.frexp(scale)  # scale = mantissa * 2**exponent, mantissa in [0.5, 1)
-    scale = np.ldexp(np.float32(1), np.where(mantissa == 0.5, exponent - 1, exponent)).astype(np.float32)
-  expanded = np.repeat(np.repeat(scale, BLOCK, 0), BLOCK, 1)[:w.shape[0], :w.shape[1]]
-  # ml_dtypes gives NaN above 464 where torch saturates (numerics §7): clip first.
-  q = np.clip(w / expanded, -FP8_MAX, FP8_MAX).astype(_FP8)
-  return q, scale
+  q, scale = _quantize_blocks(jnp.asarray(w, jnp.float32), ue8m0=scale_fmt == "ue8m0")
+  return np.asarray(q), np.asarray(scale)
+
+
+_quantize_blocks = jax.jit(fp8.quantize_blocks, static_argnames="ue8m0")
 
 
 def _np_dtype(dtype) -> np.dtype:

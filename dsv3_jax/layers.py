@@ -1,9 +1,14 @@
 """Building blocks shared by attention, MoE and MTP: RMSNorm, Linear, the SwiGLU MLP, the embedding.
 
-`Linear` is the seam of the precision policy: every projection the paper runs in FP8 is a `Linear`,
-so swapping its matmul (bf16 today) changes them all at once; `shared_input`, which runs Linears that
-read the same input as one matmul (the MLP's w1 and w3), is the only other place their kernels are
-multiplied. The embedding, output head, router, norms and attention math never go through either.
+`Linear` is the seam of the precision policy (cfg.precision, paper §3.3): every projection the paper
+runs in FP8 is a `Linear` (MLA's wq_a, wq_b, wkv_a, wkv_b, wo; the dense MLP and the shared experts'
+w1, w2, w3), so under the "fp8" recipe they all run `fp8.linear` (Fprop, Dgrad and Wgrad in FP8) and
+under "bf16" a matmul in cfg.dtype. `shared_input`, which runs Linears that read the same input as one
+matmul (the MLP's w1 and w3), is the only other place their kernels are multiplied; under "fp8" it
+runs each Linear on its own, so each kernel keeps its own 128x128 blocks. A Linear built with
+`quantized=False` stays in cfg.dtype (MTP's eh_proj, outside the blocks). The embedding, output head,
+router, norms and attention math never go through either. The routed experts follow the same recipe
+in moe.py.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax import config as config_lib
+from dsv3_jax import fp8
 
 Axes = tuple[str | None, ...]
 
@@ -39,12 +45,13 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-  """y = x @ kernel with kernel [in, out]; the matmul runs in cfg.dtype."""
+  """y = x @ kernel with kernel [in, out]: in FP8 under the "fp8" recipe when `quantized`, else in cfg.dtype."""
 
   cfg: config_lib.ModelConfig
   in_features: int
   out_features: int
   axes: Axes = ("embed", "mlp")
+  quantized: bool = True  # False keeps this Linear in cfg.dtype whatever the recipe
 
   def setup(self):
     self.kernel = self.param("kernel", _normal_init(self.cfg, self.axes),
@@ -54,8 +61,15 @@ class Linear(nn.Module):
     """The kernel as the matmul sees it (for paths that fold it into other weights, e.g. absorbed MLA)."""
     return jnp.asarray(self.kernel, self.cfg.compute_dtype)
 
+  @property
+  def in_fp8(self) -> bool:
+    return self.quantized and self.cfg.precision == "fp8"
+
   def __call__(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum("...i,io->...o", x.astype(self.cfg.compute_dtype), self.weight())
+    x = x.astype(self.cfg.compute_dtype)
+    if self.in_fp8:  # quantized from the stored (fp32 master) kernel, whose Wgrad stays fp32
+      return fp8.linear(x, jnp.asarray(self.kernel), impl=self.cfg.fp8_impl)
+    return jnp.einsum("...i,io->...o", x, self.weight())
 
 
 class MLP(nn.Module):
@@ -78,7 +92,10 @@ def shared_input(x: jax.Array, linears: tuple[Linear, ...]) -> tuple[jax.Array, 
 
   One GEMM with n times the columns instead of n small ones (measured in docs/BENCHMARKS.md). The new axis
   sits before `out`, so kernels sharded on their output axis keep that sharding: no re-layout under a mesh.
+  FP8 Linears run one by one: each kernel is quantized in its own 128x128 blocks, as stored by DeepSeek.
   """
+  if any(linear.in_fp8 for linear in linears):
+    return tuple(linear(x) for linear in linears)
   kernel_INO = jnp.stack([linear.weight() for linear in linears], axis=1)
   y = jnp.einsum("...i,ino->...no", x.astype(linears[0].cfg.compute_dtype), kernel_INO)
   return tuple(y[..., n, :] for n in range(len(linears)))

@@ -8,6 +8,13 @@ Expert compute goes through one seam, `RoutedExperts.dispatch`: the local drople
 or, under a mesh, `expert_parallel.dispatch` (all-to-all to the experts' devices when the mesh has an
 expert axis of size > 1, else the local dispatch on each device's own tokens). Both run the same
 SwiGLU over expert-contiguous row tiles (`expert_ffn`).
+
+Precision (cfg.precision, paper §3.3): the `impl` passed down the dispatch names the routed experts'
+GEMM, either an `ops.grouped_matmul` impl (in cfg.dtype) or, under the "fp8" recipe, "fp8:" + an FP8
+GEMM impl, which runs `fp8.grouped_linear` (Fprop, Dgrad and Wgrad in FP8 over the same tiles). The
+gathered dispatch (no more routed slots than experts: decoding a few tokens) stays in cfg.dtype: it
+multiplies each slot by its own gathered expert matrices, which are memory-bound vector-matrix products
+that FP8 GEMMs would not speed up, while quantizing them would re-quantize an expert's weights per slot.
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ import jax.numpy as jnp
 
 from dsv3_jax import config as config_lib
 from dsv3_jax import expert_parallel  # imports this module back; it only calls into it at run time
+from dsv3_jax import fp8
 from dsv3_jax import layers
 from dsv3_jax import ops
 
 ROUTING = "routing"  # variable collection of the correction biases
+FP8 = "fp8:"  # prefix of an expert GEMM impl that runs in FP8
 
 
 class Routing(NamedTuple):
@@ -122,11 +131,16 @@ def tile_layout(experts_N: jax.Array, n_experts: int, rows: int | None = None) -
 
 def expert_ffn(x_RD: jax.Array, layout: TileLayout, w1_EDF: jax.Array, w3_EDF: jax.Array, w2_EFD: jax.Array,
                impl: str) -> jax.Array:
-  """SwiGLU of each tile row through its tile's expert; x_RD and the result are in tile-row order."""
+  """SwiGLU of each tile row through its tile's expert; x_RD and the result are in tile-row order.
+
+  impl: an `ops.grouped_matmul` impl, or "fp8:" + an `ops` FP8 GEMM impl (all three GEMMs in FP8).
+  """
   n_groups = layout.tile_expert_G.shape[0]
   x_GMD = x_RD.reshape(n_groups, layout.rows, -1)
 
   def gmm(a, w):
+    if impl.startswith(FP8):
+      return fp8.grouped_linear(a, w, layout.tile_expert_G, layout.n_tiles, impl.removeprefix(FP8))
     return ops.grouped_matmul(a, w, layout.tile_expert_G, layout.n_tiles, impl)
 
   h_GMF = nn.silu(gmm(x_GMD, w1_EDF)) * gmm(x_GMD, w3_EDF)
@@ -144,7 +158,7 @@ def local_dispatch(x_WD: jax.Array, routing: Routing, w1_EDF: jax.Array, w3_EDF:
   """
   n_tokens, top_k = routing.experts_WK.shape
   if n_tokens * top_k <= w1_EDF.shape[0]:
-    return gathered_dispatch(x_WD, routing, w1_EDF, w3_EDF, w2_EFD)
+    return gathered_dispatch(x_WD, routing, *(w.astype(x_WD.dtype) for w in (w1_EDF, w3_EDF, w2_EFD)))
   layout = tile_layout(jax.lax.stop_gradient(routing.experts_WK).reshape(-1), w1_EDF.shape[0])
   token_of_slot = jnp.append(jnp.arange(n_tokens * top_k, dtype=jnp.int32) // top_k, 0)
   live_R = (layout.slot_of_row_R < n_tokens * top_k)[:, None]
@@ -174,7 +188,8 @@ class RoutedExperts(nn.Module):
   `dispatch` None picks by the context mesh: `expert_parallel.dispatch` when the mesh splits the experts
   (all-to-all between the devices of the expert axis) or evenly splits the tokens (the local dispatch on
   each device's own tokens), `local_dispatch` on the whole array otherwise and during `init` (which may
-  run on a token count that the mesh does not divide; its outputs are the same either way).
+  run on a token count that the mesh does not divide; its outputs are the same either way). Under the
+  "fp8" recipe the dispatch gets the impl "fp8:" + cfg.fp8_impl instead of `impl`.
   """
 
   cfg: config_lib.ModelConfig
@@ -185,9 +200,12 @@ class RoutedExperts(nn.Module):
   def __call__(self, x_WD: jax.Array, routing: Routing) -> jax.Array:
     c = self.cfg
 
-    def weight(name, shape, axes):
+    in_fp8 = c.precision == "fp8"
+
+    def weight(name, shape, axes):  # FP8 quantizes the stored (fp32 master) weights; its Wgrad stays fp32
       init = nn.with_logical_partitioning(nn.initializers.normal(c.init_std), axes)
-      return self.param(name, init, shape, c.weight_dtype).astype(c.compute_dtype)
+      w = self.param(name, init, shape, c.weight_dtype)
+      return w if in_fp8 else w.astype(c.compute_dtype)
 
     e, d, f = c.n_routed_experts, c.dim, c.moe_inter_dim
     w1 = weight("w1", (e, d, f), ("expert", "embed", "mlp"))
@@ -197,7 +215,8 @@ class RoutedExperts(nn.Module):
     if dispatch is None:
       sharded = expert_parallel.applies(x_WD.shape[0]) and not self.is_initializing()
       dispatch = expert_parallel.dispatch if sharded else local_dispatch
-    return dispatch(x_WD.astype(c.compute_dtype), routing, w1, w3, w2, impl=self.impl)
+    impl = FP8 + c.fp8_impl if in_fp8 else self.impl
+    return dispatch(x_WD.astype(c.compute_dtype), routing, w1, w3, w2, impl=impl)
 
 
 class MoE(nn.Module):

@@ -32,7 +32,8 @@ class MTPModule(nn.Module):
     c = self.cfg
     e = layers.RMSNorm(c, c.dim, name="enorm")(emb_BSD)
     h = layers.RMSNorm(c, c.dim, name="hnorm")(h_BSD)
-    x = layers.Linear(c, 2 * c.dim, c.dim, ("mlp", "embed"), name="eh_proj")(jnp.concatenate([e, h], -1))
+    eh_proj = layers.Linear(c, 2 * c.dim, c.dim, ("mlp", "embed"), quantized=False, name="eh_proj")  # BF16 in V3
+    x = eh_proj(jnp.concatenate([e, h], -1))
     x, (stats, cache) = block_lib.Block(c, moe=True, impl=self.impl, name="block")(x, cache, positions_BS, mask_BST)
     return layers.RMSNorm(c, c.dim, name="norm")(x), stats, cache
 

@@ -8,16 +8,28 @@ Model code calls these and never imports a kernel. Today:
 Both also run inside `shard_map` (expert parallelism), where the zeros of skipped tiles take on the
 manual axes their operands vary over, as scan and cond require, and the backward sums a gradient over
 the axes its primal is replicated on (the transpose of using a replicated weight on varying tokens).
+- `fp8_gemm`, `grouped_fp8_gemm`, `grouped_fp8_gemm_wgrad`: the block-scaled FP8 GEMMs of `fp8.py`'s Linears
+  (dense; MoE forward/Dgrad over the same tiles; MoE Wgrad).
+  impl="xla"    `fp8.scaled_matmul` and its grouped forms: the definition, plain XLA, any backend.
+  impl="pallas" the Triton-backend kernels of `pallas_kernels/fp8_gemm.py`, compiled when lowered for CUDA and in
+                Pallas interpret mode for any other platform (slow, but the same kernel body), so "pallas" runs
+                and is testable everywhere.
+  impl="auto"   "pallas" on GPU, "xla" elsewhere (`fp8_impl`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax import fp8  # fp8 imports ops back; each only calls the other at run time
+from pallas_kernels import fp8_gemm as fp8_kernels
+
 GROUPED_MATMUL_IMPLS = ("xla", "ragged_dot")
+FP8_GEMM_IMPLS = ("xla", "pallas")
 
 
 def grouped_matmul(x_GMD: jax.Array, w_EDF: jax.Array, tile_expert_G: jax.Array, n_tiles: jax.Array,
@@ -111,3 +123,55 @@ def tile_rows(n_slots: int, n_experts: int) -> int:
   """
   best = math.sqrt(2 * _TILE_OVERHEAD_ROWS * max(n_slots // n_experts, 1))
   return min(max(2 ** int(math.log2(best) + 0.5), 8), 128)
+
+
+# Block-scaled FP8 GEMMs.
+
+
+def fp8_impl(requested: str) -> str:
+  """The FP8 GEMM implementation to use: "auto" picks the kernels on GPU and XLA elsewhere."""
+  if requested == "auto":
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+  if requested not in FP8_GEMM_IMPLS:
+    raise ValueError(f"fp8 gemm impl {requested!r} is not one of {FP8_GEMM_IMPLS} or 'auto'")
+  return requested
+
+
+def _on_platform(kernel, *args, **kwargs):
+  """The compiled kernel when lowering for CUDA, its interpret mode for any other platform.
+
+  Decided at lowering time by the target platform, not by the default backend, so a deviceless compile for GPUs
+  from a CPU host gets the real kernel too.
+  """
+  return jax.lax.platform_dependent(*args, cuda=functools.partial(kernel, **kwargs, interpret=False),
+                                    default=functools.partial(kernel, **kwargs, interpret=True))
+
+
+def fp8_gemm(a_MK: jax.Array, a_scale_MJ: jax.Array, b_NK: jax.Array, b_scale: jax.Array, *, b_block: int = 128,
+             out_dtype=jnp.bfloat16, impl: str = "xla") -> jax.Array:
+  """D = a @ b^T, block-scaled (1x128 a scales; 128x128 or, with b_block=1, 1x128 b scales); see fp8.scaled_matmul."""
+  if fp8_impl(impl) == "xla":
+    return fp8.scaled_matmul(a_MK, a_scale_MJ, b_NK, b_scale, b_block=b_block, out_dtype=out_dtype)
+  return _on_platform(fp8_kernels.gemm, a_MK, a_scale_MJ, b_NK, b_scale, b_block=b_block, out_dtype=out_dtype)
+
+
+def grouped_fp8_gemm(a_GMK: jax.Array, a_scale_GMJ: jax.Array, b_ENK: jax.Array, b_scale_EIJ: jax.Array,
+                     tile_expert_G: jax.Array, n_tiles: jax.Array, *, out_dtype=jnp.bfloat16,
+                     impl: str = "xla") -> jax.Array:
+  """y[g] = block-scaled a[g] @ b[tile_expert[g]]^T for g < n_tiles, zeros for padding tiles."""
+  if fp8_impl(impl) == "xla":
+    return fp8.grouped_scaled_matmul(a_GMK, a_scale_GMJ, b_ENK, b_scale_EIJ, tile_expert_G, n_tiles,
+                                     out_dtype=out_dtype)
+  return _on_platform(fp8_kernels.grouped_gemm, a_GMK, a_scale_GMJ, b_ENK, b_scale_EIJ, tile_expert_G, n_tiles,
+                      out_dtype=out_dtype)
+
+
+def grouped_fp8_gemm_wgrad(a_GKM: jax.Array, a_scale_GKI: jax.Array, b_GNM: jax.Array, b_scale_GNI: jax.Array,
+                           tile_expert_G: jax.Array, n_tiles: jax.Array, n_experts: int, *, out_dtype=jnp.float32,
+                           impl: str = "xla") -> jax.Array:
+  """out[e] = sum over expert e's live tiles of block-scaled a[g] @ b[g]^T (token axis contracted): [E, K, N]."""
+  if fp8_impl(impl) == "xla":
+    return fp8.grouped_scaled_matmul_wgrad(a_GKM, a_scale_GKI, b_GNM, b_scale_GNI, tile_expert_G, n_tiles,
+                                           n_experts, out_dtype=out_dtype)
+  return _on_platform(fp8_kernels.grouped_gemm_wgrad, a_GKM, a_scale_GKI, b_GNM, b_scale_GNI, tile_expert_G,
+                      n_tiles, n_experts=n_experts, out_dtype=out_dtype)

@@ -59,8 +59,13 @@ class ConfigValueError(ValueError):
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_needed: int) -> config_lib.ModelConfig:
+  """The ModelConfig of config.model, with the precision recipe of config.precision."""
+  for key, allowed in (("recipe", config_lib.PRECISION_RECIPES), ("impl", config_lib.FP8_IMPLS)):
+    if config.precision[key] not in allowed:
+      raise ConfigValueError(f"config.precision.{key} = {config.precision[key]!r}: must be one of {allowed}")
   try:
-    cfg = config_lib.ModelConfig(**config.model.to_dict())
+    cfg = config_lib.ModelConfig(**config.model.to_dict(), precision=config.precision.recipe,
+                                 fp8_impl=config.precision.impl)
   except config_lib.ConfigError as e:
     raise ConfigValueError(f"config.model: {e}") from e
   if cfg.vocab_size < vocab_needed:

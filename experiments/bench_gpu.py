@@ -7,8 +7,9 @@ Rows (each with its wall time, so the whole run can be kept under 8 minutes):
 1. bf16 matmul peak: an [N, N] @ [N, N] bf16 matmul (fp32 accumulation), the figure MFU is taken against
    (an H200 measures about 790 TFLOP/s).
 2. Copy bandwidth: one large bf16 array copied (bytes read + written per second; about 4.3 TB/s).
-3. FP8 kernels: the block-scaled FP8 GEMMs (pallas_kernels/, dsv3_jax/fp8.py) are not in this tree yet,
-   so the row says so and is skipped; the FP8 training step likewise.
+3. FP8 kernels: `experiments.bench_fp8_gemm.run()` (about 2 minutes): the block-scaled FP8 GEMM kernels checked
+   against fp8.scaled_matmul and timed on DeepGEMM's shapes next to bf16 jnp.dot; its table prints as it runs.
+   The FP8 training step is still skipped.
 4. Training step, bf16: `train.train_step` of the run config's model (default the small preset) with
    bf16 activations and fp32 master weights, MTP on, at --train_batch x --train_seq_len tokens;
    tokens/s and model FLOP/s (`metrics.model_flops_per_token`) over row 1's peak.
@@ -18,7 +19,6 @@ Without a GPU the script stops before doing anything and says why.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -34,6 +34,7 @@ from absl import flags
 
 from dsv3_jax import metrics
 from experiments import bench
+from experiments import bench_fp8_gemm
 
 _MATMUL = flags.DEFINE_integer("gpu_matmul_size", 8192, "Side of the square bf16 matmul of the peak figure.")
 _COPY_GIB = flags.DEFINE_float("copy_gib", 4.0, "Size of the array copied for the bandwidth figure, GiB.")
@@ -41,9 +42,6 @@ _TRAIN_BATCH = flags.DEFINE_integer("train_batch", 64, "Sequences per training s
 _TRAIN_SEQ = flags.DEFINE_integer("train_seq_len", 512, "Tokens per training sequence.")
 _DECODE_BATCHES = flags.DEFINE_list("gpu_decode_batch_sizes", ["1", "64"], "Batch sizes of the decode figures.")
 _GPU_JSON = flags.DEFINE_string("gpu_json_path", None, "Also write the rows as JSON here.")
-
-# Where the FP8 kernels will live (ARCHITECTURE.md); their rows run once these modules exist.
-FP8_MODULES = ("pallas_kernels.fp8_gemm", "dsv3_jax.fp8")
 
 
 def require_gpu() -> None:
@@ -84,17 +82,9 @@ def copy_bandwidth(gib: float) -> dict[str, Any]:
 
 
 def fp8_kernels() -> dict[str, Any]:
-  found = [m for m in FP8_MODULES if _has_module(m)]
-  if not found:
-    return {"figure": "skipped", "note": f"no FP8 kernel in this tree ({', '.join(FP8_MODULES)} do not exist yet)"}
-  return {"figure": "skipped", "note": f"{', '.join(found)} exist but have no timing here yet: add their sweep"}
-
-
-def _has_module(name: str) -> bool:
-  try:
-    return importlib.util.find_spec(name) is not None
-  except ModuleNotFoundError:
-    return False
+  rows = bench_fp8_gemm.run()
+  summary = bench_fp8_gemm.summary(rows)
+  return {"figure": summary.split(";")[0], "note": summary, "rows": rows}
 
 
 def train_bf16(config, batch: int, seq: int, peak_tflops: float) -> dict[str, Any]:
