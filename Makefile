@@ -46,7 +46,7 @@ $(GPU_VENV)/.installed: setup.py
 	touch $@
 
 gpu-compile-check: $(GPU_VENV)/.installed
-	$(GPU_VENV)/bin/python -m experiments.gpu_compile_check
+	$(GPU_VENV)/bin/python -m experiments.gpu_compile_check $(GPU_CHECK_FLAGS)
 
 # Per-device memory of the 671B model on DeepSeek-V3's mesh (PP16 x EP64 x DP2, ZeRO-1), from shapes only.
 plan: $(VENV)/.installed

@@ -67,12 +67,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.balance.stop_after_tokens = 0  # tokens after which gamma becomes 0 (paper: 14.3T); 0 never stops
 
   c.mesh = ml_collections.ConfigDict()  # device mesh (dsv3_jax/sharding.py); the axes must multiply to the devices
-  c.mesh.pipe = 1  # pipeline stages; training needs 1 until the pipeline lands (experiments.plan takes more)
+  c.mesh.pipe = 1  # pipeline ranks (the `pipeline` section says how they run); never splits the batch
   c.mesh.data = -1  # data parallelism (parameters replicated); -1: every device the other axes leave
   c.mesh.fsdp = 1  # fully sharded data parallelism: batch split, parameters sharded on their embed axis
   c.mesh.expert = 1  # expert parallelism: routed experts split; a batch axis for everything else
   c.mesh.tensor = 1  # tensor parallelism: heads, MLP hidden and vocabulary split
   c.mesh.zero1 = False  # ZeRO-1: optimizer state also split over the batch axes its parameter is replicated on
+
+  c.pipeline = ml_collections.ConfigDict()  # pipeline parallelism over mesh.pipe (docs/PIPELINE.md)
+  c.pipeline.schedule = "dualpipev"  # 1f1b | zb1p | dualpipe | dualpipev; used when mesh.pipe > 1
+  c.pipeline.microbatches = 8  # micro-batches per step when mesh.pipe > 1 (replaces train.microbatches)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # optimizer steps

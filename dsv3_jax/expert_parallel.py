@@ -105,13 +105,23 @@ def applies(n_tokens: int) -> bool:
   return active() or (shards > 1 and n_tokens % shards == 0)
 
 
+def experts_here(n_experts: int) -> int:
+  """Routed experts whose weights a trace holds: all, or one expert shard's inside a shard_map over the expert
+  axis (the pipeline runs its stages per device, with the expert weights still split)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return n_experts
+  (expert,) = _axes(("expert",), mesh)
+  return n_experts // _size(mesh, expert) if _manual(mesh, expert) else n_experts
+
+
 def on_local_tokens(fn: Callable[[jax.Array], jax.Array], x_W: jax.Array) -> jax.Array:
   """fn (per-token, leading dim W) run by each device on its own tokens when the context mesh splits them."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return fn(x_W)
   (tokens,) = _axes(("batch",), mesh)
-  if _size(mesh, tokens) == 1 or x_W.shape[0] % _size(mesh, tokens):
+  if _size(mesh, tokens) == 1 or x_W.shape[0] % _size(mesh, tokens) or _manual(mesh, tokens):
     return fn(x_W)
   spec = _spec(tokens)
   return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec)(x_W)
@@ -125,6 +135,13 @@ def dispatch(x_WD: jax.Array, routing: moe.Routing, w1_EDF: jax.Array, w3_EDF: j
   with only the tokens split, each device runs `moe.local_dispatch` on its own.
   """
   mesh = jax.sharding.get_abstract_mesh()
+  if _manual(mesh, _axes(("batch",), mesh)[0]):
+    # Already per device (inside the pipeline's shard_map): local tokens, weights whole but for the expert split.
+    plan = _plan(mesh, x_WD.shape[0] * _size(mesh, _axes(("batch",), mesh)[0]), routing.experts_WK.shape[1],
+                 w1_EDF.shape[0] * _size(mesh, _axes(("expert",), mesh)[0]), exchange)
+    plan = plan._replace(embed_axes=(), gather_axes=(), mlp_axes=())
+    return _dispatch_shard(x_WD, routing.weights_WK, jax.lax.stop_gradient(routing.experts_WK), w1_EDF, w3_EDF,
+                           w2_EFD, plan=plan, impl=impl)
   plan = _plan(mesh, x_WD.shape[0], routing.experts_WK.shape[1], w1_EDF.shape[0], exchange)
   tokens = _spec(plan.token_axes, ())
   w13 = _spec(plan.expert_axes, plan.embed_axes, plan.mlp_axes)
@@ -143,6 +160,12 @@ def _axes(logical: tuple[str, ...], mesh) -> tuple[Axes, ...]:
   spec = nn.logical_to_mesh_axes(logical, _rules())
   entries = [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in spec]
   return tuple(tuple(a for a in e if a in mesh.axis_names) for e in entries)
+
+
+def _manual(mesh, axes: Axes) -> bool:
+  """Whether every axis of `axes` longer than 1 is already manual (the caller runs inside a shard_map over them)."""
+  live = [a for a in axes if mesh.shape[a] > 1]
+  return bool(live) and all(a in mesh.manual_axes for a in live)
 
 
 def _size(mesh, axes: Axes) -> int:

@@ -207,7 +207,7 @@ class RoutedExperts(nn.Module):
       w = self.param(name, init, shape, c.weight_dtype)
       return w if in_fp8 else w.astype(c.compute_dtype)
 
-    e, d, f = c.n_routed_experts, c.dim, c.moe_inter_dim
+    e, d, f = expert_parallel.experts_here(c.n_routed_experts), c.dim, c.moe_inter_dim  # a shard's, per device
     w1 = weight("w1", (e, d, f), ("expert", "embed", "mlp"))
     w3 = weight("w3", (e, d, f), ("expert", "embed", "mlp"))
     w2 = weight("w2", (e, f, d), ("expert", "mlp", "embed"))

@@ -10,7 +10,8 @@ Shape-suffix key, used for local tensor names and einsum strings throughout the 
 
 This is the only module that names mesh axes. The mesh has five axes, in this order:
 
-  pipe    pipeline stages (not implemented yet: must be 1 for training; planning takes more)
+  pipe    pipeline ranks (dsv3_jax/pipeline): model stages, never a batch split; inside the pipeline's
+          shard_map every axis is manual, and `constrain` is a no-op there
   data    data parallelism: parameters replicated, the batch split
   fsdp    fully sharded data parallelism: the batch split and parameters sharded on their `embed` axis
   expert  expert parallelism: routed experts split; for everything else it is one more batch axis
@@ -47,6 +48,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("pipe", "data", "fsdp", "expert", "tensor")
+PIPE_AXIS = "pipe"  # pipeline stages (dsv3_jax/pipeline): never splits the batch
+EXPERT_AXIS = "expert"  # routed experts (expert_parallel.py)
 BATCH_AXES = ("data", "fsdp", "expert")  # the mesh axes that split the batch
 
 # Logical axis -> mesh axes. Parameters and activations speak only logical names.
@@ -70,7 +73,11 @@ class MeshError(ValueError):
 
 
 def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
-  """Constrains an activation's sharding by logical axes; a no-op outside a mesh + rules context."""
+  """Constrains an activation's sharding by logical axes; a no-op outside a mesh + rules context, and inside a
+  `shard_map` over every mesh axis (the pipeline's: each device already holds exactly its own part)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.are_all_axes_manual:
+    return x
   return nn.with_logical_constraint(x, logical_axes)
 
 
@@ -136,15 +143,16 @@ def batch_shards(sizes: Mapping[str, int]) -> int:
 def check_mesh(cfg, sizes: Mapping[str, int], batch_size: int, n_devices: int, *, allow_pipe: bool = False) -> None:
   """Refuses a mesh that cannot run `cfg` on batches of `batch_size` sequences; errors name the axis.
 
-  Run before anything is compiled. `allow_pipe` accepts pipe > 1 for planning (stages split the layers).
+  Run before anything is compiled. The pipe axis never splits the batch. `allow_pipe` accepts any pipe size for
+  planning (training pipelines refuse tensor > 1).
   """
   product = math.prod(sizes[axis] for axis in MESH_AXES)
   if product != n_devices:
     raise MeshError(f"mesh {describe(sizes)}: the axes multiply to {product} but there are {n_devices} devices "
                     "(set one axis to -1 to use all devices)")
-  if sizes["pipe"] > 1 and not allow_pipe:
-    raise MeshError(f"mesh.pipe = {sizes['pipe']}: pipeline parallelism is not implemented yet; training needs "
-                    "mesh.pipe = 1 (experiments.plan accepts pipe > 1 for estimates)")
+  if sizes["pipe"] > 1 and sizes["tensor"] > 1 and not allow_pipe:
+    raise MeshError(f"mesh.tensor = {sizes['tensor']} with mesh.pipe = {sizes['pipe']}: pipeline stages run per "
+                    "device over whole (not tensor-split) weights; use mesh.tensor = 1 with a pipeline")
   if sizes["pipe"] > cfg.n_layers:
     raise MeshError(f"mesh.pipe = {sizes['pipe']}: more stages than the model's {cfg.n_layers} layers")
   _need_divides(sizes, "expert", {"n_routed_experts": cfg.n_routed_experts})

@@ -11,8 +11,10 @@ One step (paper §2.1.2, §2.2, §4.2):
 Under a mesh (`config.mesh`, dsv3_jax/sharding.py) the same step is jitted with explicit state and
 batch shardings and the state donated; state shardings come from `jax.eval_shape` of the init, so
 nothing is allocated before it is placed. Steps trace inside the mesh context and the logical-axis
-rules (expert parallelism keys off the context mesh). Every host assembles only its block of each
-global batch; metrics come back replicated, and only process 0 writes or prints them.
+rules (expert parallelism keys off the context mesh). With a pipe axis > 1 the step's gradients come
+from the pipeline executor (config.pipeline; dsv3_jax/pipeline/stages.py); the rest of the step is the
+same. Every host assembles only its block of each global batch; metrics come back replicated, and only
+process 0 writes or prints them.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from dsv3_jax import metrics as metrics_lib
 from dsv3_jax import model as model_lib
 from dsv3_jax import optimizer as optimizer_lib
 from dsv3_jax import sharding
+from dsv3_jax.pipeline import schedules
+from dsv3_jax.pipeline import stages
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -112,8 +116,36 @@ def _loss_fn(params, routing, batch, mtp_lambda, *, cfg, config):
   return loss, (parts, out.stats["expert_load"])
 
 
-def train_step(state: TrainState, batch: dict, hparams: dict, *, cfg, config, tx) -> tuple[TrainState, dict]:
-  """One optimizer step over batch leaves of shape [micro-batches, B, S]."""
+def pipe_ranks() -> int:
+  """Size of the context mesh's pipe axis (1 without a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else dict(mesh.shape).get(sharding.PIPE_AXIS, 1)
+
+
+def check_pipeline(config: ml_collections.ConfigDict, cfg: config_lib.ModelConfig, n_ranks: int) -> None:
+  """With n_ranks > 1 pipeline ranks: the schedule exists, its micro-batch rule holds, the layers split into stages."""
+  if n_ranks == 1:
+    return
+  p = config.pipeline
+  if p.schedule not in schedules.NAMES:
+    raise ConfigValueError(f"config.pipeline.schedule = {p.schedule!r}: must be one of {schedules.NAMES}")
+  if config.train.warmup_microbatches:
+    raise ConfigValueError(f"config.train.warmup_microbatches = {config.train.warmup_microbatches}: batch-size "
+                           "warm-up is not available with mesh.pipe > 1 (a step runs config.pipeline.microbatches)")
+  try:
+    stages.plan(cfg, p.schedule, n_ranks, p.microbatches)
+  except stages.StageError as e:
+    raise ConfigValueError(f"config.model / config.mesh.pipe: {e}") from e
+  except ValueError as e:
+    raise ConfigValueError(f"config.pipeline.microbatches = {p.microbatches} (config.pipeline.schedule = "
+                           f"{p.schedule!r}, mesh.pipe = {n_ranks}): {e}") from e
+
+
+def gradients(state: TrainState, batch: dict, hparams: dict, *, cfg, config) -> tuple[Any, dict, jax.Array]:
+  """(gradients, loss parts, expert loads [L, E]) of one step: means over the micro-batches (loads and token
+  counts summed); pipelined (dsv3_jax/pipeline/stages.py) when the context mesh has a pipe axis > 1."""
+  if pipe_ranks() > 1:
+    return stages.gradients(state.params, state.routing, batch, hparams["mtp_lambda"], cfg=cfg, config=config)
   grad_fn = jax.value_and_grad(functools.partial(_loss_fn, cfg=cfg, config=config), has_aux=True)
 
   def micro(acc, mb):
@@ -127,6 +159,12 @@ def train_step(state: TrainState, batch: dict, hparams: dict, *, cfg, config, tx
   n_micro = batch["inputs"].shape[0]
   grads = jax.tree.map(lambda g: g / n_micro, grads)
   parts = {k: v if k == "tokens" else v / n_micro for k, v in parts.items()}
+  return grads, parts, load_LE
+
+
+def train_step(state: TrainState, batch: dict, hparams: dict, *, cfg, config, tx) -> tuple[TrainState, dict]:
+  """One optimizer step over batch leaves of shape [micro-batches, B, S]."""
+  grads, parts, load_LE = gradients(state, batch, hparams, cfg=cfg, config=config)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(parts["loss"]) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -223,11 +261,14 @@ def place_batch(batch: dict[str, np.ndarray], mesh, global_batch: int, leading: 
 class _Schedule:
   """Host-side, token-based schedules: micro-batches per step, MTP lambda, balancing gamma."""
 
-  def __init__(self, config):
+  def __init__(self, config, pipelined: bool = False):
     self.config = config
+    self.pipelined = pipelined
     self.tokens_per_micro = config.data.batch_size * config.data.seq_len
 
   def microbatches(self, tokens_seen: int) -> int:
+    if self.pipelined:  # the schedule is built for one count
+      return self.config.pipeline.microbatches
     t = self.config.train
     if not t.warmup_microbatches or not t.batch_warmup_tokens or tokens_seen >= t.batch_warmup_tokens:
       return t.microbatches
@@ -257,6 +298,7 @@ class _Run:
     self.tokenizer = data.load_tokenizer(None if d.tokenizer == "bytes" else d.tokenizer, d.eos_token or None)
     self.cfg = model_config(config, self.tokenizer.vocab_size)
     self.mesh = mesh_from_config(config, self.cfg)
+    check_pipeline(config, self.cfg, self.mesh.shape[sharding.PIPE_AXIS])
     self.local_rows = sharding.process_rows(sharding.batch_sharding(self.mesh, 2), (d.batch_size, d.seq_len), 0)
     load = functools.partial(data.load_split, d.source, tokenizer=self.tokenizer, seq_len=d.seq_len,
                              heldout_fraction=d.heldout_fraction, max_bytes=d.max_bytes or None)
@@ -267,7 +309,7 @@ class _Run:
     self.tx = optimizer_lib.make(config.optimizer)
     self.abstract, self.shardings = state_shardings(self.cfg, config, self.tx, self.mesh)
     self._train_step, self._eval_step = compile_steps(self.cfg, config, self.tx, self.mesh, self.shardings)
-    self.schedule = _Schedule(config)
+    self.schedule = _Schedule(config, pipelined=self.mesh.shape[sharding.PIPE_AXIS] > 1)
     self.primary = jax.process_index() == 0
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.primary)
     self.checkpoints = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),

@@ -1,6 +1,7 @@
 """Compiles an expert-parallel MoE training step for 8 H100s on a CPU-only host and reports its collectives.
 
   make gpu-compile-check                      # = python -m experiments.gpu_compile_check; about 1 minute
+  make gpu-compile-check GPU_CHECK_FLAGS="--pipeline=dualpipev --batch=8 --seq_len=128"   # the pipelined step
   python -m experiments.gpu_compile_check --mesh=data=2,expert=4 --dump_dir=/tmp/ep_hlo
 
 Needs the CUDA plugin beside JAX (`pip install jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2`, the
@@ -12,6 +13,10 @@ The step: a tiny-ish DeepSeek-V3 (bf16; 1 dense and 2 MoE layers plus 1 MTP dept
 top-4 of 4 groups keep 2) with its parameters sharded by `sharding.LOGICAL_RULES`; forward, objective,
 backward, an SGD update and the routing-bias update from the global expert loads. On a GPU mesh the
 expert-parallel dispatch takes the ragged all-to-all exchange.
+
+With --pipeline=<schedule> the step is the pipelined one instead (`pipeline.stages.gradients`: the executor's
+scan over lockstep ticks, ppermutes between pipe ranks, the expert all-to-alls inside each stage; one dense
+and one MoE layer per stage), on --mesh (default pipe=4,expert=2); docs/PIPELINE.md reads its report.
 
 The report lists, from the scheduled HLO, every async all-to-all / ragged all-to-all / all-gather /
 reduce-scatter / all-reduce / collective-permute pair: where it sits (entry or a loop body), its size, the
@@ -40,12 +45,18 @@ from dsv3_jax import config
 from dsv3_jax import loss as loss_lib
 from dsv3_jax import model as model_lib
 from dsv3_jax import sharding
+from dsv3_jax.pipeline import schedules
+from dsv3_jax.pipeline import stages
 from experiments import mesh_flag
 
 _DEFAULT_MESH = "expert=8"  # without --mesh
+_DEFAULT_PIPELINE_MESH = "pipe=4,expert=2"  # without --mesh, with --pipeline
 _BATCH = flags.DEFINE_integer("batch", 16, "Sequences per step.")
 _SEQ = flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
 _DUMP_DIR = flags.DEFINE_string("dump_dir", None, "Optional directory for XLA's dumps (HLO passes, PTX).")
+_PIPELINE = flags.DEFINE_string("pipeline", None, "Compile the pipelined step with this schedule (1f1b, zb1p, "
+                                "dualpipe, dualpipev) on a mesh with a pipe axis (default --mesh=pipe=4,expert=2).")
+_MICROBATCHES = flags.DEFINE_integer("microbatches", 8, "Pipeline micro-batches per step (with --pipeline).")
 
 PLUGIN_MODULE = "jax_plugins.xla_cuda12"
 
@@ -103,6 +114,7 @@ class AsyncCollective:
   source: str  # the JAX operation it came from, with fwd/bwd
   between: tuple[str, ...]  # compute scheduled between start and done: "gemm", "loop", "fusion", ...
   sync: bool  # XLA marked it to run synchronously
+  between_phases: tuple[str, ...] = ()  # "fwd" / "bwd" of each item of `between` that carries JAX metadata
 
   @property
   def overlapped(self) -> bool:
@@ -183,22 +195,32 @@ def async_collectives(hlo: str) -> list[AsyncCollective]:
       elif ins.opcode.endswith("-done") and ins.opcode.removesuffix("-done") in ASYNC_COLLECTIVES:
         start_name = re.match(r"\s*%([\w.\-]+)", ins.text).group(1)
         j, start = open_.pop(start_name)
-        work = tuple(w for w in map(_kind_of_work, instructions[j + 1:i]) if w)
+        busy = [w for w in instructions[j + 1:i] if _kind_of_work(w)]
+        work = tuple(map(_kind_of_work, busy))
+        phases = tuple(_source(w).split()[0] for w in busy if _source(w) != "(no metadata)")
         sync = '"is_sync":true' in start.text
         found.append(AsyncCollective(_label(computation, computations), ins.opcode.removesuffix("-done"),
-                                     start.name, _result_bytes(ins.type), _source(start, ins), work, sync))
+                                     start.name, _result_bytes(ins.type), _source(start, ins), work, sync, phases))
     if open_:
       raise ValueError(f"computation {computation}: collectives started and never done: {sorted(open_)}")
   return found
 
 
 def _label(computation: str, computations: dict[str, list[Instruction]]) -> str:
-  """ENTRY, or 'loop <fwd|bwd> <op>' for a while body, named by the JAX operation of its while loop."""
+  """ENTRY, 'loop (<fwd|bwd> <op>)' for a while body, named by the JAX operation of its while loop, or
+  'branch k of (<op>)' for a branch of a conditional (lax.switch/cond: k indexes the branches in order)."""
+  ref = rf"%{re.escape(computation)}(?![\w.\-])"
   for instructions in computations.values():
     for ins in instructions:
-      if ins.opcode == "while" and re.search(rf"body=%{re.escape(computation)}(?![\w.\-])", ins.text):
+      if ins.opcode == "while" and re.search(rf"body={ref}", ins.text):
         source = _source(ins)
         return f"loop {computation}" if source == "(no metadata)" else f"loop ({source})"
+      if ins.opcode == "conditional" and re.search(ref, ins.text):
+        branches = re.search(r"branch_computations=\{([^}]*)\}", ins.text)
+        names = ([b.strip().lstrip("%") for b in branches.group(1).split(",")] if branches else
+                 [re.search(rf"{kind}_computation=%([\w.\-]+)", ins.text).group(1) for kind in ("true", "false")])
+        if computation in names:
+          return f"branch {names.index(computation)} of ({_source(ins)})"
   return computation
 
 
@@ -214,6 +236,8 @@ def format_report(collectives: list[AsyncCollective], sync: list[tuple[str, str]
   for c in collectives:
     counts = {w: c.between.count(w) for w in dict.fromkeys(c.between)}
     between = ", ".join(f"{n} {w}" for w, n in counts.items()) or "none"
+    if c.between_phases:  # which half of the computation that work belongs to (an F&B pair mixes both)
+      between += " (" + ", ".join(f"{p} {c.between_phases.count(p)}" for p in sorted(set(c.between_phases))) + ")"
     overlap = "sync" if c.sync else "yes" if c.overlapped else "no"
     lines.append(f"| {c.computation} | {c.kind} | {c.result_bytes:,} | {c.source} | {between} | {overlap} |")
   n_overlapped = sum(c.overlapped for c in collectives)
@@ -271,18 +295,70 @@ def compile_step(mesh_sizes: dict[str, int], batch: int, seq_len: int, cfg: conf
   return lowered.compile(compiler_options=options).as_text()
 
 
+def pipeline_step_config(n_stages: int) -> config.ModelConfig:
+  """step_config with one dense layer and one MoE layer per pipeline stage."""
+  return dataclasses.replace(step_config(), n_layers=1 + n_stages)
+
+
+def compile_pipelined_step(mesh_sizes: dict[str, int], schedule: str, microbatches: int, batch: int, seq_len: int,
+                           dump_dir: str | None = None) -> str:
+  """Scheduled GPU HLO of the pipelined gradient (`stages.gradients`: the executor's scan over lockstep ticks,
+  ppermutes between pipe ranks, expert all-to-alls inside each stage) plus an SGD update, on a deviceless mesh."""
+  from configs import tiny_cpu  # the run config's data/loss keys; the model is pipeline_step_config
+
+  n_devices = int(np.prod(list(mesh_sizes.values())))
+  topology = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{n_devices}",
+                                          target_config=h100_target_config())
+  mesh = jax.sharding.Mesh(np.array(topology.devices).reshape([mesh_sizes.get(a, 1) for a in sharding.MESH_AXES]),
+                           sharding.MESH_AXES)
+  run_config = tiny_cpu.get_config()
+  run_config.pipeline.schedule, run_config.pipeline.microbatches = schedule, microbatches
+  cfg = pipeline_step_config(schedules.generate(schedule, mesh_sizes["pipe"], microbatches).n_stages)
+  model = model_lib.Transformer(cfg)
+  boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, sharding.LOGICAL_RULES)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
+  batch_sharding = sharding.batch_sharding(mesh, 3, leading=1)
+  tokens = jax.ShapeDtypeStruct((microbatches, batch, seq_len), jnp.int32, sharding=batch_sharding)
+  batch_tree = {k: tokens for k in ("inputs", "targets", "loss_mask", "segment_ids")}
+
+  def step(params, routing, batch_MBS):
+    grads, parts, load_LE = stages.gradients(params, routing, batch_MBS, 0.3, cfg=cfg, config=run_config)
+    params = jax.tree.map(lambda p, g: p - 1e-3 * g.astype(p.dtype), params, grads)
+    return params, balance.update_bias(routing, load_LE, 1e-3, cfg), parts["loss"]
+
+  options = {"xla_gpu_enable_latency_hiding_scheduler": True}
+  if dump_dir:
+    options["xla_dump_to"] = dump_dir
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    lowered = jax.jit(step).lower(abstract["params"], abstract["routing"], batch_tree)
+  return lowered.compile(compiler_options=options).as_text()
+
+
 def main(argv):
   del argv
   jax.config.update("jax_platforms", "cpu")  # the GPU is only a compile target
   if not plugin_installed():
     raise SystemExit("the CUDA plugin is not installed beside JAX: pip install jax-cuda12-plugin==0.10.2 "
                      "jax-cuda12-pjrt==0.10.2 (in a separate environment; see docs/EXPERT_PARALLEL.md)")
-  mesh_sizes = sharding.parse_sizes(mesh_flag.MESH.value or _DEFAULT_MESH)
+  default_mesh = _DEFAULT_PIPELINE_MESH if _PIPELINE.value else _DEFAULT_MESH
+  mesh_sizes = {a: 1 for a in sharding.MESH_AXES} | sharding.parse_sizes(mesh_flag.MESH.value or default_mesh)
   logging.info("jax %s, process %d of %d, host devices %s; compiling for %s H100s, mesh %s", jax.__version__,
                jax.process_index(), jax.process_count(), jax.devices(), int(np.prod(list(mesh_sizes.values()))),
                mesh_sizes)
-  hlo = compile_step(mesh_sizes, _BATCH.value, _SEQ.value, dump_dir=_DUMP_DIR.value)
-  print(f"mesh {mesh_sizes}, batch {_BATCH.value} x {_SEQ.value} tokens, {step_config().n_routed_experts} experts\n")
+  if _PIPELINE.value:
+    hlo = compile_pipelined_step(mesh_sizes, _PIPELINE.value, _MICROBATCHES.value, _BATCH.value, _SEQ.value,
+                                 dump_dir=_DUMP_DIR.value)
+    schedule = schedules.generate(_PIPELINE.value, mesh_sizes["pipe"], _MICROBATCHES.value)
+    _, table = stages.plan(pipeline_step_config(schedule.n_stages), _PIPELINE.value, mesh_sizes["pipe"],
+                           _MICROBATCHES.value)
+    print(f"mesh {mesh_sizes}, {_PIPELINE.value} with {_MICROBATCHES.value} micro-batches of {_BATCH.value} x "
+          f"{_SEQ.value} tokens, {step_config().n_routed_experts} experts; the executor's per-tick op is its "
+          f"lax.switch branch k of {dict(enumerate(table.branches))}\n")
+  else:
+    hlo = compile_step(mesh_sizes, _BATCH.value, _SEQ.value, dump_dir=_DUMP_DIR.value)
+    print(f"mesh {mesh_sizes}, batch {_BATCH.value} x {_SEQ.value} tokens, {step_config().n_routed_experts} "
+          "experts\n")
   print(format_report(async_collectives(hlo), synchronous_collectives(hlo)))
 
 

@@ -92,3 +92,18 @@ def test_expert_parallel_step_compiles_for_eight_h100s():
   assert sum(c.kind == "all-to-all" for c in collectives) >= 3  # the count exchanges
   assert not check.synchronous_collectives(hlo)
   assert any(c.overlapped for c in ragged)
+
+
+@pytest.mark.skipif(not check.plugin_installed(),
+                    reason="jax-cuda12-plugin is missing: pip install jax-cuda12-plugin==0.10.2 "
+                           "jax-cuda12-pjrt==0.10.2 (a separate environment; see docs/EXPERT_PARALLEL.md)")
+def test_pipelined_step_compiles_for_four_h100s():
+  """The DualPipeV step: async collective-permutes in the tick loop, expert all-to-alls inside the F&B branch."""
+  hlo = check.compile_pipelined_step({"pipe": 2, "data": 1, "fsdp": 1, "expert": 2, "tensor": 1}, "dualpipev",
+                                     microbatches=4, batch=4, seq_len=32)
+  collectives = check.async_collectives(hlo)
+  assert not check.synchronous_collectives(hlo)
+  permutes = [c for c in collectives if c.kind == "collective-permute"]
+  assert permutes and all(c.computation.startswith("loop") for c in permutes)
+  fb = [c for c in collectives if c.computation.startswith("branch 5 of") and "all-to-all" in c.kind]
+  assert fb and any(c.overlapped for c in fb)

@@ -159,7 +159,7 @@ def test_sharded_init_and_checkpoint_restore_onto_another_mesh(tmp_path, single)
 @pytest.mark.parametrize("mesh, model, batch_size, message", [
     (dict(data=3), {}, 8, "the axes multiply to 3 but there are 8 devices"),
     (dict(data=-1, expert=-1), {}, 8, "only one axis may be -1"),
-    (dict(data=4, pipe=2), {}, 8, "mesh.pipe = 2: pipeline parallelism is not implemented yet"),
+    (dict(data=2, pipe=2, tensor=2), {}, 8, "mesh.tensor = 2 with mesh.pipe = 2: pipeline stages run per device"),
     (dict(expert=8), dict(n_routed_experts=12), 8, "mesh.expert = 8 does not divide the model's n_routed_experts"),
     (dict(tensor=8), {}, 8, "mesh.tensor = 8 does not divide the model's n_heads = 4"),
     (dict(data=2, fsdp=2, expert=2), {}, 12, "= 8 does not divide the batch of 12 sequences"),
