@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 
 from dsv3_jax import config as config_lib
+from dsv3_jax import fp8_weights
 from dsv3_jax import layers
 from dsv3_jax import mla
 from dsv3_jax import moe as moe_lib
@@ -67,7 +68,7 @@ def stack(cfg: config_lib.ModelConfig, *, moe: bool, length: int, impl: str, rem
     layer = nn.remat(Block, policy=REMAT_POLICIES[remat], prevent_cse=False)
   scanned = nn.scan(
       layer,
-      variable_axes={"params": 0, moe_lib.ROUTING: 0, "intermediates": 0},
+      variable_axes={"params": 0, moe_lib.ROUTING: 0, "intermediates": 0, fp8_weights.STORED: 0},
       split_rngs={"params": True},
       in_axes=(0, nn.broadcast, nn.broadcast),
       length=length,

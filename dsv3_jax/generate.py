@@ -417,6 +417,18 @@ def restore_variables(path: str, cfg: config_lib.ModelConfig) -> dict:
                                                                      partial_restore=True))
 
 
+def restore_fp8_weights(path: str) -> dict | None:
+  """The keep-mode FP8 tree (`<path>/fp8`: e4m3 weights and block scales, fp8_weights.STORED's layout) that
+  `experiments.convert_hf --dtype=fp8` writes beside the variables, or None when there is none."""
+  directory = os.path.join(os.path.abspath(path), "fp8")
+  if not os.path.isdir(directory):
+    return None
+  checkpointer = ocp.PyTreeCheckpointer()
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                          checkpointer.metadata(directory).item_metadata.tree)
+  return jax.tree.map(jnp.asarray, checkpointer.restore(directory, restore_args=as_numpy))
+
+
 def _flat(tree) -> dict[tuple[str, ...], object]:
   return {tuple(str(getattr(k, "key", k)) for k in path): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}

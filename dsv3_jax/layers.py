@@ -20,6 +20,7 @@ import numpy as np
 
 from dsv3_jax import config as config_lib
 from dsv3_jax import fp8
+from dsv3_jax import fp8_weights
 
 Axes = tuple[str | None, ...]
 
@@ -45,7 +46,11 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-  """y = x @ kernel with kernel [in, out]: in FP8 under the "fp8" recipe when `quantized`, else in cfg.dtype."""
+  """y = x @ kernel with kernel [in, out]: in FP8 under the "fp8" recipe when `quantized`, else in cfg.dtype.
+
+  With an FP8-stored kernel in the variables (fp8_weights.STORED) there is no "kernel" parameter: the stored
+  e4m3 bytes and block scales serve instead (fp8_weights.py, inference only).
+  """
 
   cfg: config_lib.ModelConfig
   in_features: int
@@ -54,11 +59,17 @@ class Linear(nn.Module):
   quantized: bool = True  # False keeps this Linear in cfg.dtype whatever the recipe
 
   def setup(self):
-    self.kernel = self.param("kernel", _normal_init(self.cfg, self.axes),
-                             (self.in_features, self.out_features), self.cfg.weight_dtype)
+    self.stored = None
+    if self.has_variable(fp8_weights.STORED, "kernel"):
+      self.stored = fp8_weights.Stored(**self.get_variable(fp8_weights.STORED, "kernel"))
+    else:
+      self.kernel = self.param("kernel", _normal_init(self.cfg, self.axes),
+                               (self.in_features, self.out_features), self.cfg.weight_dtype)
 
   def weight(self) -> jax.Array:
     """The kernel as the matmul sees it (for paths that fold it into other weights, e.g. absorbed MLA)."""
+    if self.stored is not None:
+      return self.stored.dequantize(self.cfg.compute_dtype)
     return jnp.asarray(self.kernel, self.cfg.compute_dtype)
 
   @property
@@ -67,6 +78,8 @@ class Linear(nn.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.cfg.compute_dtype)
+    if self.in_fp8 and self.stored is not None:
+      return fp8_weights.linear(x, self.stored, self.cfg.fp8_impl)
     if self.in_fp8:  # quantized from the stored (fp32 master) kernel, whose Wgrad stays fp32
       return fp8.linear(x, jnp.asarray(self.kernel), impl=self.cfg.fp8_impl)
     return jnp.einsum("...i,io->...o", x, self.weight())

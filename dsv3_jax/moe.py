@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from dsv3_jax import config as config_lib
 from dsv3_jax import expert_parallel  # imports this module back; it only calls into it at run time
 from dsv3_jax import fp8
+from dsv3_jax import fp8_weights
 from dsv3_jax import layers
 from dsv3_jax import ops
 
@@ -139,6 +140,10 @@ def expert_ffn(x_RD: jax.Array, layout: TileLayout, w1_EDF: jax.Array, w3_EDF: j
   x_GMD = x_RD.reshape(n_groups, layout.rows, -1)
 
   def gmm(a, w):
+    if isinstance(w, fp8_weights.Stored):  # FP8-stored weights (inference)
+      if impl.startswith(FP8):
+        return fp8_weights.grouped_linear(a, w, layout.tile_expert_G, layout.n_tiles, impl.removeprefix(FP8))
+      return ops.grouped_matmul(a, w.dequantize(a.dtype), layout.tile_expert_G, layout.n_tiles, impl)
     if impl.startswith(FP8):
       return fp8.grouped_linear(a, w, layout.tile_expert_G, layout.n_tiles, impl.removeprefix(FP8))
     return ops.grouped_matmul(a, w, layout.tile_expert_G, layout.n_tiles, impl)
@@ -158,7 +163,7 @@ def local_dispatch(x_WD: jax.Array, routing: Routing, w1_EDF: jax.Array, w3_EDF:
   """
   n_tokens, top_k = routing.experts_WK.shape
   if n_tokens * top_k <= w1_EDF.shape[0]:
-    return gathered_dispatch(x_WD, routing, *(w.astype(x_WD.dtype) for w in (w1_EDF, w3_EDF, w2_EFD)))
+    return gathered_dispatch(x_WD, routing, w1_EDF, w3_EDF, w2_EFD)
   layout = tile_layout(jax.lax.stop_gradient(routing.experts_WK).reshape(-1), w1_EDF.shape[0])
   token_of_slot = jnp.append(jnp.arange(n_tokens * top_k, dtype=jnp.int32) // top_k, 0)
   live_R = (layout.slot_of_row_R < n_tokens * top_k)[:, None]
@@ -170,12 +175,22 @@ def local_dispatch(x_WD: jax.Array, routing: Routing, w1_EDF: jax.Array, w3_EDF:
 
 def gathered_dispatch(x_WD: jax.Array, routing: Routing, w1_EDF: jax.Array, w3_EDF: jax.Array,
                       w2_EFD: jax.Array) -> jax.Array:
-  """The routed-expert FFN with each (token, choice) slot multiplying its own gathered expert weights."""
+  """The routed-expert FFN with each (token, choice) slot multiplying its own gathered expert weights.
+
+  Weights may be arrays (any dtype: each slot's slice is cast to the activations') or FP8-stored
+  (`fp8_weights.Stored`: each slot's e4m3 slice and its block scales are gathered and only they dequantized).
+  """
   experts_N = jax.lax.stop_gradient(routing.experts_WK).reshape(-1)
   x_ND = jnp.repeat(x_WD, routing.experts_WK.shape[1], axis=0)
-  h_NF = nn.silu(jnp.einsum("nd,ndf->nf", x_ND, w1_EDF[experts_N])) * jnp.einsum("nd,ndf->nf", x_ND,
-                                                                                  w3_EDF[experts_N])
-  y_WKD = jnp.einsum("nf,nfd->nd", h_NF, w2_EFD[experts_N]).reshape(*routing.experts_WK.shape, -1)
+
+  def per_slot(w):
+    if isinstance(w, fp8_weights.Stored):
+      return w.take(experts_N).dequantize(x_WD.dtype)
+    return w[experts_N].astype(x_WD.dtype)
+
+  h_NF = nn.silu(jnp.einsum("nd,ndf->nf", x_ND, per_slot(w1_EDF))) * jnp.einsum("nd,ndf->nf", x_ND,
+                                                                                 per_slot(w3_EDF))
+  y_WKD = jnp.einsum("nf,nfd->nd", h_NF, per_slot(w2_EFD)).reshape(*routing.experts_WK.shape, -1)
   return jnp.einsum("wk,wkd->wd", routing.weights_WK, y_WKD.astype(jnp.float32)).astype(x_WD.dtype)
 
 
@@ -208,12 +223,19 @@ class RoutedExperts(nn.Module):
       return w if in_fp8 else w.astype(c.compute_dtype)
 
     e, d, f = expert_parallel.experts_here(c.n_routed_experts), c.dim, c.moe_inter_dim  # a shard's, per device
-    w1 = weight("w1", (e, d, f), ("expert", "embed", "mlp"))
-    w3 = weight("w3", (e, d, f), ("expert", "embed", "mlp"))
-    w2 = weight("w2", (e, f, d), ("expert", "mlp", "embed"))
+    stored = self.has_variable(fp8_weights.STORED, "w1")
+    if stored:  # FP8-stored weights (inference): no parameters
+      w1, w3, w2 = (fp8_weights.Stored(**self.get_variable(fp8_weights.STORED, n)) for n in ("w1", "w3", "w2"))
+    else:
+      w1 = weight("w1", (e, d, f), ("expert", "embed", "mlp"))
+      w3 = weight("w3", (e, d, f), ("expert", "embed", "mlp"))
+      w2 = weight("w2", (e, f, d), ("expert", "mlp", "embed"))
     dispatch = self.dispatch
     if dispatch is None:
       sharded = expert_parallel.applies(x_WD.shape[0]) and not self.is_initializing()
+      if sharded and stored:
+        raise ValueError("FP8-stored routed experts (fp8_weights) run on one device's tokens only; this mesh "
+                         "splits the tokens or the experts: load the weights dequantized (dtype bfloat16) instead")
       dispatch = expert_parallel.dispatch if sharded else local_dispatch
     impl = FP8 + c.fp8_impl if in_fp8 else self.impl
     return dispatch(x_WD.astype(c.compute_dtype), routing, w1, w3, w2, impl=impl)

@@ -9,12 +9,15 @@ runs after a warm-up (compilation excluded), with min and max:
 - decode tokens/s: the remaining new tokens over the rest of the time;
 - ours plain and speculative (MTP drafts, with the acceptance rate), transformers `generate`
   (`DynamicCache`, eager attention) and, where it runs, transformers' own MTP generation;
-- latent-cache bytes per token, ours against what transformers' cache holds.
+- latent-cache bytes per token, ours against what transformers' cache holds;
+- with --fp8_weights, ours again with the FP8-eligible weights kept in FP8 (dsv3_jax/fp8_weights.py: block-
+  quantized from the checkpoint, GEMMs through the FP8 path), with the variables' bytes either way.
 Without --checkpoint the model is randomly initialised and the speculative figures mean little.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -31,6 +34,7 @@ from ml_collections import config_flags
 from dsv3_jax import config as config_lib
 from dsv3_jax import convert
 from dsv3_jax import data
+from dsv3_jax import fp8_weights
 from dsv3_jax import generate
 from dsv3_jax import hf_checkpoint
 from dsv3_jax import model as model_lib
@@ -44,6 +48,7 @@ _NEW = flags.DEFINE_integer("new_tokens", 128, "Generated tokens per sequence.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions per figure.")
 _HF = flags.DEFINE_bool("hf", True, "Also time transformers.")
 _JSON = flags.DEFINE_string("json_out", None, "Write the figures here as JSON.")
+_FP8_WEIGHTS = flags.DEFINE_bool("fp8_weights", True, "Also time ours with FP8-stored weights (plain decode).")
 
 
 def _timed(fn, repeats: int) -> list[float]:
@@ -187,6 +192,10 @@ def run(tmp_dir: str) -> None:
                                      "ours_with_mtp": generate.cache_bytes_per_token(cfg, with_mtp=True),
                                      "deepseek_v3_671b_bf16": generate.cache_bytes_per_token(
                                          config_lib.deepseek_v3_671b(), "bfloat16")}
+  if _FP8_WEIGHTS.value:
+    fp8_variables = fp8_weights.store(variables)
+    fp8_cfg = dataclasses.replace(cfg, precision="fp8")
+    report["variable_bytes"] = {"ours": fp8_weights.nbytes(variables), "fp8_weights": fp8_weights.nbytes(fp8_variables)}
   hf_model = hf_mtp_model = None
   if _HF.value:
     import torch
@@ -205,6 +214,11 @@ def run(tmp_dir: str) -> None:
     row = {"batch": batch}
     for name, speculative in (("ours", False), ("ours_speculative", True)):
       row[name] = ours(variables, cfg, prompts, _NEW.value, speculative, _REPEATS.value)
+    if _FP8_WEIGHTS.value:
+      row["ours_fp8_weights"] = ours(fp8_variables, fp8_cfg, prompts, _NEW.value, False, _REPEATS.value)
+      row["fp8_weights_greedy_agreement"] = _agreement(row["ours"]["tokens"], row["ours_fp8_weights"]["tokens"])
+      row["fp8_weights_decode_ratio"] = (row["ours_fp8_weights"]["decode_tokens_per_s"]["median"]
+                                         / row["ours"]["decode_tokens_per_s"]["median"])
     if hf_model is not None:
       row["transformers"] = theirs(hf_model, prompts, _NEW.value, _REPEATS.value)
       row["greedy_agreement_with_transformers"] = _agreement(row["ours"]["tokens"], row["transformers"]["tokens"])
@@ -225,6 +239,8 @@ def run(tmp_dir: str) -> None:
     report["runs"].append(row)
     _print_row(row)
   print(f"cache bytes per token: {report['cache_bytes_per_token']}")
+  if "variable_bytes" in report:
+    print(f"variables' bytes: {report['variable_bytes']}")
   if "transformers" in report["runs"][0]:
     print(f"transformers' cache bytes per token: {report['runs'][0]['transformers']['cache_bytes_per_token']:.0f}")
   if _JSON.value:
@@ -240,7 +256,7 @@ def run(tmp_dir: str) -> None:
 def _print_row(row: dict) -> None:
   print(f"\nbatch {row['batch']}: tokens/s, median [min, max]")
   print(f"{'':24s} {'prefill':>30s} {'decode':>30s}")
-  for name in ("ours", "ours_speculative", "transformers", "transformers_mtp"):
+  for name in ("ours", "ours_speculative", "ours_fp8_weights", "transformers", "transformers_mtp"):
     entry = row.get(name)
     if entry is None:
       continue
@@ -258,6 +274,9 @@ def _print_row(row: dict) -> None:
           f"{row['greedy_agreement_with_transformers_mtp']:.0%} of sequences")
   print(f"speculative / plain decode: {row['speculative_speedup']:.2f}x; identical output: "
         f"{row['speculative_equals_plain']}")
+  if "fp8_weights_decode_ratio" in row:
+    print(f"FP8 weights / fp32 weights decode: {row['fp8_weights_decode_ratio']:.2f}x; identical greedy output for "
+          f"{row['fp8_weights_greedy_agreement']:.0%} of sequences")
 
 
 if __name__ == "__main__":

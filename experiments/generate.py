@@ -9,10 +9,14 @@ written by experiments.convert_hf. The model config comes from --config (a run c
 names the tokenizer) or from the checkpoint's config.json. A prompts file holds one prompt per line, or
 one JSON string (or {"prompt": ...}) per line when it ends in .jsonl. With --speculative the MTP module
 drafts a token per step (greedy output is identical, only faster); the acceptance rate is reported.
+With --fp8_weights the blocks' Linears and routed experts keep their weights in FP8 (dsv3_jax/fp8_weights.py)
+and run through the FP8 GEMM: a checkpoint converted with `experiments.convert_hf --dtype=fp8` supplies its
+stored e4m3 bytes and scales; any other is block-quantized (128x128) after loading.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -25,6 +29,7 @@ from ml_collections import config_flags
 
 from dsv3_jax import config as config_lib
 from dsv3_jax import data
+from dsv3_jax import fp8_weights
 from dsv3_jax import generate
 from dsv3_jax import train
 
@@ -40,6 +45,8 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set of token
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _SPECULATIVE = flags.DEFINE_bool("speculative", False, "Draft with the MTP module, verify with the main model.")
 _STOP = flags.DEFINE_multi_string("stop", [], "A stop token, as text that encodes to exactly one token.")
+_FP8_WEIGHTS = flags.DEFINE_bool("fp8_weights", False, "Keep the FP8-eligible weights in FP8 and run their GEMMs "
+                                 "in FP8 (the stored bytes of a --dtype=fp8 conversion, else quantized on load).")
 
 
 def read_prompts(prompts: list[str], path: str | None) -> list[str]:
@@ -84,6 +91,19 @@ def model_and_tokenizer(checkpoint: str, run_config, tokenizer_flag: str | None)
   return cfg, tokenizer
 
 
+def fp8_variables(checkpoint: str, variables: dict, cfg: config_lib.ModelConfig):
+  """(variables with FP8-stored kernels, cfg with the fp8 recipe): a keep-mode conversion's bytes, else quantized."""
+  before = fp8_weights.nbytes(variables)
+  stored = generate.restore_fp8_weights(checkpoint)
+  if stored is not None:
+    variables, source = fp8_weights.from_hf(variables, stored), "stored in"
+  else:
+    variables, source = fp8_weights.store(variables), "quantized from"
+  print(f"[FP8 weights {source} {checkpoint}: variables {before / 2**20:.1f} MiB -> "
+        f"{fp8_weights.nbytes(variables) / 2**20:.1f} MiB]", file=sys.stderr)
+  return variables, dataclasses.replace(cfg, precision="fp8")
+
+
 def stop_ids(tokenizer, stops: list[str]) -> list[int]:
   ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
   for s in stops:
@@ -123,6 +143,8 @@ def run():
   cfg, tokenizer = model_and_tokenizer(_CHECKPOINT.value, _CONFIG.value, _TOKENIZER.value)
   prompts = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
   variables = generate.restore_variables(_CHECKPOINT.value, cfg)
+  if _FP8_WEIGHTS.value:
+    variables, cfg = fp8_variables(_CHECKPOINT.value, variables, cfg)
   encoded = [tokenizer.encode(p) for p in prompts]
   kw = dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
             stop_ids=stop_ids(tokenizer, _STOP.value), speculative=_SPECULATIVE.value)
