@@ -165,20 +165,6 @@ def _k_blocks(x_XK: jax.Array) -> jax.Array:
   return x32.reshape(rows, j, BLOCK).transpose(1, 0, 2)
 
 
-def _varying_as(z: jax.Array, *refs: jax.Array) -> jax.Array:
-  """z typed as varying over every manual mesh axis any of refs varies over (no-op outside shard_map)."""
-  varying = lambda a: jax.typeof(a).manual_axis_type.varying
-  missing = tuple(frozenset().union(*map(varying, refs)) - varying(z))
-  return jax.lax.pcast(z, missing, to="varying") if missing else z
-
-
-def _summed_to(g: jax.Array, primal: jax.Array) -> jax.Array:
-  """g summed over the manual mesh axes it varies over and its primal does not (a replicated weight's grad)."""
-  varying = lambda a: jax.typeof(a).manual_axis_type.varying
-  extra = tuple(varying(g) - varying(primal))
-  return jax.lax.psum(g, extra) if extra else g
-
-
 def scaled_matmul(a_MK: jax.Array, a_scale_MJ: jax.Array, b_NK: jax.Array, b_scale: jax.Array, *,
                   b_block: int = BLOCK, out_dtype=jnp.bfloat16) -> jax.Array:
   """D[m, n] = sum_j a_scale[m, j] * b_scale[n // b_block, j] * (sum_{k in block j} a[m, k] * b[n, k]).
@@ -200,7 +186,7 @@ def scaled_matmul(a_MK: jax.Array, a_scale_MJ: jax.Array, b_NK: jax.Array, b_sca
 
   j = a_scale_MJ.shape[1]
   xs = (_k_blocks(a_MK), _k_blocks(b_NK), a_scale_MJ.astype(jnp.float32).T, b_scale_NJ.astype(jnp.float32).T)
-  acc_MN = _varying_as(jnp.zeros((a_MK.shape[0], n), jnp.float32), a_MK, a_scale_MJ, b_NK, b_scale)
+  acc_MN = ops.varying_as(jnp.zeros((a_MK.shape[0], n), jnp.float32), a_MK, a_scale_MJ, b_NK, b_scale)
   acc_MN, _ = jax.lax.scan(promote, acc_MN, xs, unroll=j if j <= 8 else 1)
   return acc_MN.astype(out_dtype)
 
@@ -220,7 +206,7 @@ def grouped_scaled_matmul(a_GMK: jax.Array, a_scale_GMJ: jax.Array, b_ENK: jax.A
     def live():
       return scaled_matmul(a_MK, a_scale_MJ, b_ENK[expert], b_scale_EIJ[expert], out_dtype=out_dtype)
 
-    dead = lambda: _varying_as(jnp.zeros((a_MK.shape[0], n), out_dtype), a_MK, a_scale_MJ, b_ENK, b_scale_EIJ)
+    dead = lambda: ops.varying_as(jnp.zeros((a_MK.shape[0], n), out_dtype), a_MK, a_scale_MJ, b_ENK, b_scale_EIJ)
     return None, jax.lax.cond(g < n_tiles, live, dead)
 
   _, y_GMN = jax.lax.scan(tile, None, (a_GMK, a_scale_GMJ, tile_expert_G, jnp.arange(a_GMK.shape[0])))
@@ -246,7 +232,7 @@ def grouped_scaled_matmul_wgrad(a_GKM: jax.Array, a_scale_GKI: jax.Array, b_GNM:
 
     return jax.lax.cond(g < n_tiles, live, lambda out: out, out_EKN), None
 
-  out0_EKN = _varying_as(jnp.zeros((n_experts, k, n), jnp.float32), a_GKM, a_scale_GKI, b_GNM, b_scale_GNI)
+  out0_EKN = ops.varying_as(jnp.zeros((n_experts, k, n), jnp.float32), a_GKM, a_scale_GKI, b_GNM, b_scale_GNI)
   xs = (a_GKM, a_scale_GKI, b_GNM, b_scale_GNI, tile_expert_G, jnp.arange(a_GKM.shape[0]))
   out_EKN, _ = jax.lax.scan(tile, out0_EKN, xs)
   return out_EKN.astype(out_dtype)
@@ -327,7 +313,7 @@ def _grouped_linear_bwd(impl, res, dy_GMF):
   dyt_q_GFM, dyt_scale = quantize_rows(jnp.swapaxes(dy_GMF, 1, 2))
   dw_EDF = ops.grouped_fp8_gemm_wgrad(xt_q_GDM, xt_scale, dyt_q_GFM, dyt_scale, tile_expert_G, n_tiles,
                                       w_q_EFD.shape[0], out_dtype=jnp.float32, impl=impl)
-  return (_summed_to(dx_GMD, x_like), _summed_to(dw_EDF, w_like).astype(w_like.dtype), None, None)
+  return (ops.summed_to(dx_GMD, x_like), ops.summed_to(dw_EDF, w_like).astype(w_like.dtype), None, None)
 
 
 _grouped_linear.defvjp(_grouped_linear_fwd, _grouped_linear_bwd)

@@ -23,11 +23,11 @@ recipe computes from the same master weights on the fly, so a stored forward equ
 
 from __future__ import annotations
 
-from typing import Any
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from dsv3_jax import fp8
 from dsv3_jax import ops
@@ -63,42 +63,26 @@ def is_fp8_kernel(path: tuple[str, ...]) -> bool:
   return name in _EXPERT_WEIGHTS and parent == "experts"
 
 
-def _path(keys) -> tuple[str, ...]:
-  return tuple(str(getattr(k, "key", k)) for k in keys)
-
-
 def _split(params: dict, chosen) -> tuple[dict, dict]:
-  """(params without the leaves `chosen(path, leaf)` picks, {path: leaf} of those)."""
-  kept, picked = {}, {}
-  for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    path = _path(keys)
-    (picked if chosen(path, leaf) else kept)[path] = leaf
-  return _nest(kept), picked
-
-
-def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
-  out: dict = {}
-  for path, leaf in flat.items():
-    node = out
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = leaf
-  return out
+  """(params without the leaves whose path `chosen(path)` picks, {path: leaf} of those)."""
+  flat = traverse_util.flatten_dict(params)
+  kept = {path: leaf for path, leaf in flat.items() if not chosen(path)}
+  return traverse_util.unflatten_dict(kept), {path: leaf for path, leaf in flat.items() if chosen(path)}
 
 
 def store(variables: dict, *, ue8m0: bool = False) -> dict:
   """Variables with every FP8 kernel block-quantized into the `STORED` collection and dropped from params."""
-  params, picked = _split(variables["params"], lambda path, _: is_fp8_kernel(path))
+  params, picked = _split(variables["params"], is_fp8_kernel)
   quantize = jax.jit(fp8.quantize_blocks, static_argnames="ue8m0")
   stored = {path: dict(zip(("weight", "scale_inv"), quantize(w, ue8m0=ue8m0), strict=True))
             for path, w in picked.items()}
-  return {**variables, "params": params, STORED: _nest(stored)}
+  return {**variables, "params": params, STORED: traverse_util.unflatten_dict(stored)}
 
 
 def from_hf(variables: dict, fp8_tree: dict) -> dict:
   """Variables from `hf_checkpoint.load(..., dtype="fp8")`'s pair: the kernels in `fp8_tree` leave params."""
-  stored = {path[:-1] for path in map(_path, (k for k, _ in jax.tree_util.tree_flatten_with_path(fp8_tree)[0]))}
-  params, _ = _split(variables["params"], lambda path, _: path in stored)
+  stored = {path[:-1] for path in traverse_util.flatten_dict(fp8_tree)}  # drop "weight" / "scale_inv"
+  params, _ = _split(variables["params"], lambda path: path in stored)
   return {**variables, "params": params, STORED: fp8_tree}
 
 

@@ -54,14 +54,14 @@ def _ragged_grouped_matmul(x_GMD, w_EDF, tile_expert_G, n_tiles):
   return jnp.where(live_G[:, None, None], y.reshape(n_groups, rows, -1), 0).astype(x_GMD.dtype)
 
 
-def _varying_as(z: jax.Array, *refs: jax.Array) -> jax.Array:
+def varying_as(z: jax.Array, *refs: jax.Array) -> jax.Array:
   """z typed as varying over every manual mesh axis that any of refs varies over (no-op outside shard_map)."""
   varying = lambda a: jax.typeof(a).manual_axis_type.varying
   missing = tuple(frozenset().union(*map(varying, refs)) - varying(z))
   return jax.lax.pcast(z, missing, to="varying") if missing else z
 
 
-def _summed_to(g: jax.Array, primal: jax.Array) -> jax.Array:
+def summed_to(g: jax.Array, primal: jax.Array) -> jax.Array:
   """g summed over the manual mesh axes that it varies over and its primal does not."""
   varying = lambda a: jax.typeof(a).manual_axis_type.varying
   extra = tuple(varying(g) - varying(primal))
@@ -74,7 +74,7 @@ def _scan_grouped_matmul(x_GMD, w_EDF, tile_expert_G, n_tiles):
     x_MD, expert, g = xs
     y_MF = jax.lax.cond(g < n_tiles,
                         lambda: jnp.dot(x_MD, w_EDF[expert].astype(x_MD.dtype)),
-                        lambda: _varying_as(jnp.zeros((x_MD.shape[0], w_EDF.shape[2]), x_MD.dtype), x_MD, w_EDF))
+                        lambda: varying_as(jnp.zeros((x_MD.shape[0], w_EDF.shape[2]), x_MD.dtype), x_MD, w_EDF))
     return None, y_MF
 
   _, y_GMF = jax.lax.scan(tile, None, (x_GMD, tile_expert_G, jnp.arange(x_GMD.shape[0])))
@@ -97,11 +97,11 @@ def _scan_grouped_matmul_bwd(res, dy_GMF):
       dw_DF = jnp.dot(x_MD.T, dy_MF, preferred_element_type=jnp.float32)
       return dw_EDF.at[expert].add(dw_DF), dx_MD
 
-    return jax.lax.cond(g < n_tiles, live, lambda dw: (dw, _varying_as(jnp.zeros_like(x_MD), dy_MF, w_EDF)), dw_EDF)
+    return jax.lax.cond(g < n_tiles, live, lambda dw: (dw, varying_as(jnp.zeros_like(x_MD), dy_MF, w_EDF)), dw_EDF)
 
-  dw0_EDF = _varying_as(jnp.zeros(w_EDF.shape, jnp.float32), x_GMD, dy_GMF, w_EDF)
+  dw0_EDF = varying_as(jnp.zeros(w_EDF.shape, jnp.float32), x_GMD, dy_GMF, w_EDF)
   dw_EDF, dx_GMD = jax.lax.scan(tile, dw0_EDF, (x_GMD, dy_GMF, tile_expert_G, jnp.arange(x_GMD.shape[0])))
-  return _summed_to(dx_GMD, x_GMD), _summed_to(dw_EDF, w_EDF).astype(w_EDF.dtype), None, None
+  return summed_to(dx_GMD, x_GMD), summed_to(dw_EDF, w_EDF).astype(w_EDF.dtype), None, None
 
 
 _scan_grouped_matmul.defvjp(_scan_grouped_matmul_fwd, _scan_grouped_matmul_bwd)
