@@ -38,7 +38,6 @@ from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -48,9 +47,7 @@ from absl import logging
 from dsv3_jax import config as config_lib
 from dsv3_jax import convert
 from dsv3_jax import fp8
-from dsv3_jax import model as model_lib
 from dsv3_jax import safetensors_file
-from dsv3_jax import sharding
 
 ConversionError = convert.ConversionError
 BLOCK = fp8.BLOCK
@@ -445,13 +442,6 @@ def load(hf_dir: str, cfg: config_lib.ModelConfig | None = None, dtype: str = "f
   if dtype != "fp8":
     return variables
   return variables, convert.unflatten({key[1:]: value for key, value in built.items() if key[0] == "fp8"})
-
-
-def variable_shardings(cfg: config_lib.ModelConfig, mesh: jax.sharding.Mesh) -> dict:
-  """Each variable's sharding on `mesh`, from the model's logical axes and the rules table."""
-  model = model_lib.Transformer(cfg)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))
-  return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, sharding.LOGICAL_RULES)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from dsv3_jax import config as config_lib
 from dsv3_jax import layers
 from dsv3_jax import mla
 from dsv3_jax import mtp as mtp_lib
+from dsv3_jax import sharding
 
 
 class Output(NamedTuple):
@@ -147,3 +148,10 @@ def init(cfg: config_lib.ModelConfig, rng: jax.Array, **model_kwargs) -> dict:
   """Initial variables {"params", "routing"} (unboxed from their logical-partitioning metadata)."""
   model = Transformer(cfg, **model_kwargs)
   return jax.jit(lambda r: nn.unbox(model.init(r, jnp.zeros((1, 2), jnp.int32))))(rng)
+
+
+def variable_shardings(cfg: config_lib.ModelConfig, mesh: jax.sharding.Mesh) -> dict:
+  """Each variable's sharding on `mesh`, from the model's logical axes and the rules table (nothing allocated)."""
+  model = Transformer(cfg)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))
+  return sharding.logical_shardings(boxed, mesh)

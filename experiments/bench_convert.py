@@ -30,6 +30,7 @@ from absl import flags
 from dsv3_jax import config
 from dsv3_jax import convert
 from dsv3_jax import hf_checkpoint
+from dsv3_jax import model as model_lib
 from dsv3_jax import sharding
 from experiments import mesh_flag
 
@@ -77,7 +78,7 @@ def _output_bytes(variables) -> int:
 
 def _load(path: str, sharded: bool) -> dict:
   cfg = _config()
-  shardings = hf_checkpoint.variable_shardings(cfg, sharding.mesh_from_spec(_mesh_spec())) if sharded else None
+  shardings = model_lib.variable_shardings(cfg, sharding.mesh_from_spec(_mesh_spec())) if sharded else None
   files = hf_checkpoint.open_checkpoint(path)
   baseline = _peak_rss_bytes()  # high-water mark after imports, before any tensor is read
   start = time.perf_counter()

@@ -34,6 +34,7 @@ from absl import logging
 from dsv3_jax import config
 from dsv3_jax import convert
 from dsv3_jax import hf_checkpoint
+from dsv3_jax import model as model_lib
 from dsv3_jax import sharding
 from experiments import mesh_flag
 
@@ -90,7 +91,7 @@ def to_ours(hf_dir: str, out: str, dtype: str, overwrite: bool = False, mesh: ja
     raise app.UsageError(f"{out} exists and is not empty; pass --overwrite")
   hf_config = hf_checkpoint.read_hf_config(hf_dir)
   cfg = config.ModelConfig.from_hf(hf_config)
-  shardings = hf_checkpoint.variable_shardings(cfg, mesh) if mesh is not None else None
+  shardings = model_lib.variable_shardings(cfg, mesh) if mesh is not None else None
   loaded = hf_checkpoint.load(hf_dir, cfg, dtype, shardings, progress)  # validates before it reads
   variables, fp8 = loaded if dtype == "fp8" else (loaded, None)
   tmp = f"{out}.tmp-{os.getpid()}"
@@ -130,7 +131,7 @@ def restore(checkpoint: str, mesh: jax.sharding.Mesh | None = None, with_fp8: bo
   with open(os.path.join(checkpoint, "config.json")) as f:
     cfg = config.ModelConfig.from_hf(json.load(f))
   checkpointer = ocp.StandardCheckpointer()
-  shardings = hf_checkpoint.variable_shardings(cfg, mesh) if mesh is not None else None
+  shardings = model_lib.variable_shardings(cfg, mesh) if mesh is not None else None
   variables = _restore(checkpointer, os.path.join(checkpoint, "variables"), lambda _: shardings)
   if not with_fp8 or not os.path.exists(os.path.join(checkpoint, "fp8")):
     return cfg, variables, None, None

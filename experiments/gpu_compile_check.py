@@ -255,6 +255,22 @@ def format_report(collectives: list[AsyncCollective], sync: list[tuple[str, str]
 # The step.
 
 
+def deviceless_mesh(mesh_sizes: dict[str, int]) -> jax.sharding.Mesh:
+  """A mesh of the project's axes over a deviceless H100 topology of as many GPUs as the sizes multiply to."""
+  n_devices = int(np.prod(list(mesh_sizes.values())))
+  topology = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{n_devices}",
+                                          target_config=h100_target_config())
+  shape = [mesh_sizes.get(a, 1) for a in sharding.MESH_AXES]
+  return jax.sharding.Mesh(np.array(topology.devices).reshape(shape), sharding.MESH_AXES)
+
+
+def abstract_variables(cfg: config.ModelConfig, mesh: jax.sharding.Mesh) -> dict:
+  """The model's variables as ShapeDtypeStructs laid out on `mesh` by the logical-axis rules."""
+  shapes = jax.eval_shape(lambda: model_lib.init(cfg, jax.random.key(0)))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                      model_lib.variable_shardings(cfg, mesh))
+
+
 def step_config() -> config.ModelConfig:
   return config.tiny(dim=256, n_heads=4, inter_dim=512, moe_inter_dim=128, n_layers=3, n_dense_layers=1,
                      n_routed_experts=32, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2,
@@ -264,16 +280,10 @@ def step_config() -> config.ModelConfig:
 def compile_step(mesh_sizes: dict[str, int], batch: int, seq_len: int, cfg: config.ModelConfig | None = None,
                  dump_dir: str | None = None) -> str:
   """Scheduled GPU HLO of one training step on a deviceless H100 mesh of the given axis sizes."""
-  n_devices = int(np.prod(list(mesh_sizes.values())))
-  topology = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{n_devices}",
-                                          target_config=h100_target_config())
-  shape = [mesh_sizes.get(a, 1) for a in sharding.MESH_AXES]
-  mesh = jax.sharding.Mesh(np.array(topology.devices).reshape(shape), sharding.MESH_AXES)
   cfg = cfg or step_config()
+  mesh = deviceless_mesh(mesh_sizes)
+  abstract = abstract_variables(cfg, mesh)
   model = model_lib.Transformer(cfg)
-  boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
-  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, sharding.LOGICAL_RULES)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
   batch_spec = nn.logical_to_mesh_axes(("batch", "length"), sharding.LOGICAL_RULES)
   tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=jax.sharding.NamedSharding(mesh, batch_spec))
 
@@ -306,18 +316,11 @@ def compile_pipelined_step(mesh_sizes: dict[str, int], schedule: str, microbatch
   ppermutes between pipe ranks, expert all-to-alls inside each stage) plus an SGD update, on a deviceless mesh."""
   from configs import tiny_cpu  # the run config's data/loss keys; the model is pipeline_step_config
 
-  n_devices = int(np.prod(list(mesh_sizes.values())))
-  topology = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{n_devices}",
-                                          target_config=h100_target_config())
-  mesh = jax.sharding.Mesh(np.array(topology.devices).reshape([mesh_sizes.get(a, 1) for a in sharding.MESH_AXES]),
-                           sharding.MESH_AXES)
   run_config = tiny_cpu.get_config()
   run_config.pipeline.schedule, run_config.pipeline.microbatches = schedule, microbatches
   cfg = pipeline_step_config(schedules.generate(schedule, mesh_sizes["pipe"], microbatches).n_stages)
-  model = model_lib.Transformer(cfg)
-  boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
-  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, sharding.LOGICAL_RULES)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
+  mesh = deviceless_mesh(mesh_sizes)
+  abstract = abstract_variables(cfg, mesh)
   batch_sharding = sharding.batch_sharding(mesh, 3, leading=1)
   tokens = jax.ShapeDtypeStruct((microbatches, batch, seq_len), jnp.int32, sharding=batch_sharding)
   batch_tree = {k: tokens for k in ("inputs", "targets", "loss_mask", "segment_ids")}

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec
 from dsv3_jax import config
 from dsv3_jax import convert
 from dsv3_jax import hf_checkpoint as hc
+from dsv3_jax import model as model_lib
 from dsv3_jax import safetensors_file
 from dsv3_jax import sharding
 from dsv3_jax import torch_parity
@@ -391,7 +392,7 @@ def _mesh(axes: dict[str, int]) -> jax.sharding.Mesh:
 def _layout(name: str):
   """Shardings from the rules table; "+layers" also splits the MoE layer axis over 'data'."""
   mesh = _mesh(MESHES[name.removesuffix("+layers")])
-  shardings = hc.variable_shardings(CFG, mesh)
+  shardings = model_lib.variable_shardings(CFG, mesh)
   if name.endswith("+layers"):
     flat = convert.flatten(shardings)
     shardings = convert.unflatten({p: NamedSharding(mesh, PartitionSpec("data", *s.spec[1:])) if p[1] == "moe_layers"
