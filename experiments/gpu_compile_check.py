@@ -297,12 +297,7 @@ def compile_step(mesh_sizes: dict[str, int], batch: int, seq_len: int, cfg: conf
     params = jax.tree.map(lambda p, g: p - 1e-3 * g.astype(p.dtype), params, grads)
     return params, balance.update_bias(routing, load_LE, 1e-3, cfg), loss
 
-  options = {"xla_gpu_enable_latency_hiding_scheduler": True}
-  if dump_dir:
-    options["xla_dump_to"] = dump_dir
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    lowered = jax.jit(step).lower(abstract["params"], abstract["routing"], tokens)
-  return lowered.compile(compiler_options=options).as_text()
+  return _scheduled_hlo(step, mesh, (abstract["params"], abstract["routing"], tokens), dump_dir)
 
 
 def pipeline_step_config(n_stages: int) -> config.ModelConfig:
@@ -330,11 +325,17 @@ def compile_pipelined_step(mesh_sizes: dict[str, int], schedule: str, microbatch
     params = jax.tree.map(lambda p, g: p - 1e-3 * g.astype(p.dtype), params, grads)
     return params, balance.update_bias(routing, load_LE, 1e-3, cfg), parts["loss"]
 
+  return _scheduled_hlo(step, mesh, (abstract["params"], abstract["routing"], batch_tree), dump_dir)
+
+
+def _scheduled_hlo(step, mesh: jax.sharding.Mesh, args: tuple, dump_dir: str | None) -> str:
+  """`step` lowered on `args` under the mesh and the logical-axis rules, compiled with the latency-hiding
+  scheduler: the scheduled GPU HLO as text."""
   options = {"xla_gpu_enable_latency_hiding_scheduler": True}
   if dump_dir:
     options["xla_dump_to"] = dump_dir
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    lowered = jax.jit(step).lower(abstract["params"], abstract["routing"], batch_tree)
+    lowered = jax.jit(step).lower(*args)
   return lowered.compile(compiler_options=options).as_text()
 
 
