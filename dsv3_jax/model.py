@@ -71,7 +71,8 @@ class Transformer(nn.Module):
     through the expanded path, as without a cache, and their latents fill the cache.
     """
     batch, seq = tokens_BS.shape
-    if positions_BS is None:
+    causal = positions_BS is None  # positions 0..S-1: the mask allows no key after its query
+    if causal:
       positions_BS = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
     mask_BST = None
     if cache is None or prefill:
@@ -80,6 +81,8 @@ class Transformer(nn.Module):
         mask_BST = mask_BST & token_mask_BS[:, None, :].astype(bool)
       if segment_ids_BS is not None:
         mask_BST = mask_BST & (segment_ids_BS[:, None, :] == segment_ids_BS[:, :, None])
+      if causal:
+        mask_BST = mla.CausalMask(mask_BST)
     h_BSD, stats, cache = self._trunk(self.embed(tokens_BS), positions_BS, mask_BST, cache)
     h_BSD = self.norm(h_BSD)
     logits = layers.head_logits(h_BSD, self.head)

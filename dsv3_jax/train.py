@@ -153,6 +153,9 @@ def gradients(state: TrainState, batch: dict, hparams: dict, *, cfg, config) -> 
     return jax.tree.map(jnp.add, acc, (grads, aux)), None
 
   first = jax.tree.map(lambda a: a[0], batch)
+  if batch["inputs"].shape[0] == 1:  # no accumulator to zero-fill and add into
+    (_, (parts, load_LE)), grads = grad_fn(state.params, state.routing, first, hparams["mtp_lambda"])
+    return grads, parts, load_LE
   shapes = jax.eval_shape(lambda: grad_fn(state.params, state.routing, first, hparams["mtp_lambda"]))
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
   (grads, (parts, load_LE)), _ = jax.lax.scan(micro, zeros, batch)
@@ -167,12 +170,17 @@ def train_step(state: TrainState, batch: dict, hparams: dict, *, cfg, config, tx
   grads, parts, load_LE = gradients(state, batch, hparams, cfg=cfg, config=config)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(parts["loss"]) & jnp.isfinite(grad_norm)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  routing = balance.update_bias(state.routing, load_LE, hparams["gamma"], cfg)
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                            opt_state=keep(opt_state, state.opt_state), routing=keep(routing, state.routing),
+
+  def update(_):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return (optax.apply_updates(state.params, updates), opt_state,
+            balance.update_bias(state.routing, load_LE, hparams["gamma"], cfg))
+
+  # A branch, not a select over the updated and old trees: a normal step writes the new state once instead of
+  # also passing over every parameter and both moments to pick between them.
+  params, opt_state, routing = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state, state.routing),
+                                            None)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, routing=routing,
                             nonfinite=jnp.where(finite, 0, state.nonfinite + 1))
   lr = optimizer_lib.learning_rate(config.optimizer)(state.step)
   return new_state, {**parts, "grad_norm": grad_norm, "lr": lr, "finite": finite, "nonfinite": new_state.nonfinite,

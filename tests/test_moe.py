@@ -262,6 +262,25 @@ def test_grouped_matmul_never_touches_padding_tiles():
   assert np.all(np.isfinite(dw_EDF))
 
 
+def test_fused_swiglu_never_touches_padding_tiles():
+  """The same for the fused SwiGLU loop (`ops.grouped_swiglu`, what the xla impl runs), forward and backward."""
+  n_experts, n_slots = 8, 100
+  experts_N = jnp.asarray(np.random.default_rng(1).integers(0, n_experts, n_slots), jnp.int32)
+  layout = moe.tile_layout(experts_N, n_experts)
+  n_groups, rows, n_tiles = layout.tile_expert_G.shape[0], layout.rows, int(layout.n_tiles)
+  assert n_tiles < n_groups
+  dead_G = (jnp.arange(n_groups) >= n_tiles)[:, None, None]
+  x_GMD = jnp.where(dead_G, jnp.nan, jax.random.normal(jax.random.key(0), (n_groups, rows, DIM)))
+  dy_GMD = jnp.where(dead_G, jnp.nan, jax.random.normal(jax.random.key(1), (n_groups, rows, DIM)))
+  fn = lambda x, *ws: ops.grouped_swiglu(x, *ws, layout.tile_expert_G, layout.n_tiles)
+  y_GMD, (dx_GMD, *dws) = jax.jit(lambda x, ws, dy: _value_and_vjp(fn, dy, x, *ws))(x_GMD, _weights(n_experts, 2),
+                                                                                   dy_GMD)
+  np.testing.assert_array_equal(y_GMD[n_tiles:], 0)
+  np.testing.assert_array_equal(dx_GMD[n_tiles:], 0)
+  assert np.all(np.isfinite(y_GMD[:n_tiles])) and np.all(np.isfinite(dx_GMD[:n_tiles]))
+  assert all(np.all(np.isfinite(dw)) for dw in dws)
+
+
 def _dots(jaxpr, in_cond: bool = False) -> list[bool]:
   """For every dot_general in a jaxpr and the jaxprs nested in it: whether it sits inside a cond branch."""
   found = []
@@ -285,6 +304,16 @@ def test_grouped_matmul_multiplies_only_inside_the_live_tile_branch():
   loss = lambda x, w: jnp.sum(ops.grouped_matmul(x, w, layout.tile_expert_G, layout.n_tiles, "xla") ** 2)
   dots = _dots(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x_GMD, w_EDF).jaxpr)
   assert len(dots) == 3 and all(dots)  # y = x w, dx = dy w^T, dw = x^T dy
+
+
+def test_fused_swiglu_multiplies_only_inside_the_live_tile_branch():
+  layout = moe.tile_layout(jnp.arange(64, dtype=jnp.int32) % 8, 8)
+  x_GMD = jnp.ones((layout.tile_expert_G.shape[0], layout.rows, DIM))
+  ws = _weights(8, 0)
+  loss = lambda x, *ws: jnp.sum(ops.grouped_swiglu(x, *ws, layout.tile_expert_G, layout.n_tiles) ** 2)
+  dots = _dots(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(x_GMD, *ws).jaxpr)
+  # forward: x w1, x w3, h w2; backward: x w1, x w3 again, dy w2^T, da1 w1^T, da3 w3^T and the three x^T / h^T grads
+  assert len(dots) == 11 and all(dots)
 
 
 @pytest.mark.parametrize("n_experts", [8, 64, 256])

@@ -34,7 +34,9 @@ def test_reference_is_yarn_with_mscale(reference):
   assert cfg.softmax_scale == pytest.approx(0.38249888831204115, rel=1e-12)
 
 
-@pytest.mark.parametrize("tokens", [TOKENS, np.random.default_rng(0).integers(0, 128, (3, 24))])
+@pytest.mark.parametrize("tokens", [TOKENS, np.random.default_rng(0).integers(0, 128, (3, 24)),
+                                    # longer than one attention block: our blockwise causal attention
+                                    np.random.default_rng(1).integers(0, 128, (1, 700))])
 def test_logits_hidden_and_experts_match(reference, tokens):
   cfg, hf, _, variables = reference
   report = torch_parity.compare(hf, variables, cfg, tokens)

@@ -40,6 +40,7 @@ from dsv3_jax import block as block_lib
 from dsv3_jax import config as config_lib
 from dsv3_jax import layers
 from dsv3_jax import loss as loss_lib
+from dsv3_jax import mla
 from dsv3_jax import mtp as mtp_lib
 from dsv3_jax import sharding
 from dsv3_jax.pipeline import executor
@@ -161,7 +162,7 @@ def _attention_inputs(batch, config):
   mask_BST = positions_BS[:, None, :] <= positions_BS[:, :, None]
   if not config.data.attend_across_documents:
     mask_BST = mask_BST & (batch["segment_ids"][:, None, :] == batch["segment_ids"][:, :, None])
-  return tokens_BS, positions_BS, mask_BST
+  return tokens_BS, positions_BS, mla.CausalMask(mask_BST)
 
 
 def _objective(logits, mtp_logits, batch, counts, config):
