@@ -92,11 +92,17 @@ def test_runs_inside_shard_map_over_the_batch():
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)  # fp32 sums, other fusion
 
 
-def test_model_takes_the_blockwise_path_past_one_block_and_matches_the_whole_matrix():
+def test_block_size_follows_the_length():
+  small, large = mla.CAUSAL_BLOCKS
+  assert [mla.causal_block(n) for n in (1, small, small + 1, large, large + 1, 8 * large)] == [
+      None, None, small, small, large, large]
+
+
+@pytest.mark.parametrize("seq", [mla.CAUSAL_BLOCKS[0] + 45, mla.CAUSAL_BLOCKS[1] + 77])
+def test_model_takes_the_blockwise_path_past_one_block_and_matches_the_whole_matrix(seq):
   """Default positions (a CausalMask) and explicit ones (a plain mask, whole scores) give the same model."""
   cfg = config.tiny(n_mtp_layers=0)
   variables = model_lib.init(cfg, jax.random.PRNGKey(0))
-  seq = mla.CAUSAL_BLOCK + 77
   tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, seq))
   segments = np.sort(np.random.default_rng(6).integers(0, 3, (2, seq)), axis=1)
   positions = np.broadcast_to(np.arange(seq), (2, seq))
