@@ -30,6 +30,7 @@ from dsv3_jax import block as block_lib
 from dsv3_jax import config as config_lib
 from dsv3_jax import layers
 from dsv3_jax import loss as loss_lib
+from dsv3_jax import mla
 from dsv3_jax import model as model_lib
 from dsv3_jax import mtp as mtp_lib
 from dsv3_jax import optimizer as optimizer_lib
@@ -201,7 +202,8 @@ def _activations(cfg, remat: str, batch: int, seq: int, sizes) -> dict[str, int]
   and MTP residuals of the last stage, and the attention mask every layer shares."""
   x = jax.ShapeDtypeStruct((batch, seq, cfg.dim), cfg.compute_dtype)
   positions = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
-  mask = jax.ShapeDtypeStruct((batch, seq, seq), jnp.bool_)
+  # The training path's causal mask: long sequences take blockwise attention, which keeps no [S, S] residual.
+  mask = mla.CausalMask(jax.ShapeDtypeStruct((batch, seq, seq), jnp.bool_))
   out = {"mask": batch * seq * seq}
   policy = block_lib.REMAT_POLICIES[remat]
   for name, moe in (("dense", False), ("moe", True)):

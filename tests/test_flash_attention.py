@@ -5,12 +5,16 @@ gradients come from the float64 closed form of the softmax Jacobian. Rows with n
 (see the module docstring: their outputs are meaningless on every path).
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src import ad_checkpoint  # saved_residuals, as dsv3_jax/plan.py uses it
 from jax.sharding import PartitionSpec as P
 
+from dsv3_jax import block as block_lib
 from dsv3_jax import config
 from dsv3_jax import flash_attention
 from dsv3_jax import mla
@@ -119,3 +123,23 @@ def test_model_takes_the_blockwise_path_past_one_block_and_matches_the_whole_mat
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-7)
   uses_blockwise = lambda positions: "name=_attention" in str(jax.make_jaxpr(loss)(variables, positions))
   assert uses_blockwise(None) and not uses_blockwise(positions)
+
+
+def test_a_layer_keeps_no_sequence_squared_residual_for_its_backward():
+  """Under the training path's CausalMask, nothing the layer saves for its backward grows with S^2."""
+  cfg = config.tiny(n_mtp_layers=0)
+  seq = 4 * mla.CAUSAL_BLOCKS[1]
+  x = jax.ShapeDtypeStruct((1, seq, cfg.dim), jnp.float32)
+  positions = jax.ShapeDtypeStruct((1, seq), jnp.int32)
+
+  def largest_residual(mask):
+    layer = block_lib.Block(cfg, moe=True)
+    variables = jax.eval_shape(layer.init, jax.random.PRNGKey(0), x, None, positions, mask)
+    fn = lambda v, x, p, m: jnp.sum(layer.apply(v, x, None, p, m)[0])
+    saved = ad_checkpoint.saved_residuals(fn, variables, x, positions, mask)
+    return max(math.prod(aval.shape) for aval, source in saved if not source.startswith("from the argument"))
+
+  plain = jax.ShapeDtypeStruct((1, seq, seq), jnp.bool_)
+  assert largest_residual(plain) >= cfg.n_heads * seq * seq  # the whole path keeps its [B, H, S, S] probabilities
+  assert largest_residual(mla.CausalMask(plain)) < seq * seq
+

@@ -57,7 +57,9 @@ def test_pp16_ep64_zero1_per_device_bytes(moe_stack_bytes):
   assert middle.activations == 15 * (4 * a["moe"] + a["mask"]) + a["moe_full"]
   # remat "full" keeps only the layer input (1 x 4096 tokens x dim in bf16) and RoPE's 32 fp32 frequencies.
   assert a["moe"] == 4096 * 7168 * 2 + 32 * 4
-  assert a["moe_full"] > 100 * a["moe"]
+  # Recomputed in full, a layer holds far more than its input (its weights' bf16 copies, the expert tiles; no
+  # [S, S] scores: training attention is blockwise, see tests/test_flash_attention.py).
+  assert a["moe_full"] > 50 * a["moe"]
   assert p.heaviest.total >= max(s.total for s in p.stages)
   text = plan.format_plan(p, 80)
   assert "pipe=16 x data=2 x expert=64 = 2048 devices" in text and "ZeRO-1 on" in text
