@@ -78,7 +78,7 @@ def stack(cfg: config_lib.ModelConfig, *, moe: bool, length: int, impl: str, rem
       split_rngs={"params": True},
       in_axes=(0, nn.broadcast, nn.broadcast),
       length=length,
-      unroll=length if length <= UNROLL_MAX_LAYERS else 1,
+      unroll=True if length <= UNROLL_MAX_LAYERS else 1,
       metadata_params={nn.PARTITION_NAME: "layers"},
   )
   return scanned(cfg, moe=moe, impl=impl, name=name)

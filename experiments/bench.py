@@ -153,7 +153,7 @@ class OursStep:
   """Our jitted train_step on a fixed batch; `step` dispatches one step, `sync` waits for the state."""
 
   def __init__(self, config: ml_collections.ConfigDict, tokens_BS1: np.ndarray):
-    self.cfg = config_lib.ModelConfig(**config.model.to_dict())
+    self.cfg = train.model_config(config, vocab_needed=0)  # config.model with config.precision's recipe
     self.tx = optimizer.make(config.optimizer)
     self.state = train.init_state(self.cfg, config, self.tx)
     # What the peers start from (the routing biases start at zero, on both sides).

@@ -9,10 +9,10 @@ Rows (each with its wall time, so the whole run can be kept under 8 minutes):
 2. Copy bandwidth: one large bf16 array copied (bytes read + written per second; about 4.3 TB/s).
 3. FP8 kernels: `experiments.bench_fp8_gemm.run()` (about 2 minutes): the block-scaled FP8 GEMM kernels checked
    against fp8.scaled_matmul and timed on DeepGEMM's shapes next to bf16 jnp.dot; its table prints as it runs.
-   The FP8 training step is still skipped.
-4. Training step, bf16: `train.train_step` of the run config's model (default the small preset) with
-   bf16 activations and fp32 master weights, MTP on, at --train_batch x --train_seq_len tokens;
-   tokens/s and model FLOP/s (`metrics.model_flops_per_token`) over row 1's peak.
+4. Training step, bf16 and fp8: `train.train_step` of the run config's model (default the small preset) with
+   bf16 activations and fp32 master weights, MTP on, at --train_batch x --train_seq_len tokens, under the bf16
+   recipe and under the fp8 one (block-scaled FP8 GEMMs in every block Linear and the routed experts, through
+   the Pallas kernels); tokens/s and model FLOP/s (`metrics.model_flops_per_token`) over row 1's peak.
 5. Decode: `experiments.bench_decode` in a child process (bf16, random weights, no transformers).
 Without a GPU the script stops before doing anything and says why.
 """
@@ -87,20 +87,25 @@ def fp8_kernels() -> dict[str, Any]:
   return {"figure": summary.split(";")[0], "note": summary, "rows": rows}
 
 
-def train_bf16(config, batch: int, seq: int, peak_tflops: float) -> dict[str, Any]:
+def train_step(config, batch: int, seq: int, peak_tflops: float, recipe: str = "bf16", repetitions: int = 10,
+               steps: int = 5) -> dict[str, Any]:
+  """Our training step with bf16 activations under precision `recipe` (bf16, or fp8: block-scaled FP8 GEMMs
+  through precision.impl, the Pallas kernels on a GPU); model FLOP/s over `peak_tflops`."""
   config = bench.bench_config(config, dtype="bfloat16")
   with config.unlocked():
     config.data.batch_size, config.data.seq_len = batch, seq
+    config.precision.recipe = recipe
   runner = bench.OursStep(config, bench.random_tokens(config.model.vocab_size, batch, seq))
   for _ in range(3):
     runner.step()
   runner.sync()
-  times = bench.round_robin({"ours": runner}, 10, 5)["ours"]
+  times = bench.round_robin({"ours": runner}, repetitions, steps)["ours"]
   rate = bench.summary([batch * seq / t for t in times])
   tflops = rate["median"] * metrics.model_flops_per_token(runner.cfg, seq) / 1e12
   return {"figure": f"{rate['median']:,.0f} tokens/s, {tflops:.1f} TFLOP/s, MFU {tflops / peak_tflops:.1%}",
           "tokens_per_s": rate, "model_tflops": tflops, "mfu": tflops / peak_tflops, "compile_s": runner.compile_s,
-          "batch": batch, "seq_len": seq, "mtp": bool(runner.cfg.n_mtp_layers)}
+          "batch": batch, "seq_len": seq, "mtp": bool(runner.cfg.n_mtp_layers), "recipe": runner.cfg.precision,
+          "first_ce": runner.first_ce}
 
 
 def decode(batch_sizes: list[str]) -> dict[str, Any]:
@@ -135,9 +140,9 @@ def main(argv):
   row("bf16 matmul peak", bf16_peak, _MATMUL.value)
   row("copy bandwidth", copy_bandwidth, _COPY_GIB.value)
   row("FP8 kernels", fp8_kernels)
-  rows["FP8 training step"] = {"figure": "skipped", "note": "needs the FP8 kernels", "wall_s": 0.0}
-  row("training step, bf16", train_bf16, bench._CONFIG.value, _TRAIN_BATCH.value, _TRAIN_SEQ.value,
-      rows["bf16 matmul peak"]["tflops"])
+  for recipe in ("bf16", "fp8"):
+    row(f"training step, {recipe}", train_step, bench._CONFIG.value, _TRAIN_BATCH.value, _TRAIN_SEQ.value,
+        rows["bf16 matmul peak"]["tflops"], recipe)
   row("decode, bf16", decode, _DECODE_BATCHES.value)
   print(f"\n{'check':24s} {'figure':58s} {'wall s':>7s}  note")
   for name, r in rows.items():

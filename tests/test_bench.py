@@ -123,3 +123,16 @@ def test_bench_gpu_stops_plainly_without_a_gpu():
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1
   assert "needs a GPU, but JAX's backend is 'cpu'" in proc.stderr and "nothing was measured" in proc.stderr
+
+
+@pytest.mark.parametrize("recipe", ["bf16", "fp8"])
+def test_bench_gpu_training_row_runs_each_recipe(tiny_config, recipe):
+  """The GPU script's training row, here on CPU (FP8 through the XLA GEMMs): it trains under the recipe asked for."""
+  from experiments import bench_gpu
+
+  config = tiny_config.copy_and_resolve_references()
+  config.precision.impl = "xla"
+  row = bench_gpu.train_step(config, batch=2, seq=16, peak_tflops=1.0, recipe=recipe, repetitions=1, steps=1)
+  assert row["recipe"] == recipe and np.isfinite(row["first_ce"])
+  assert row["tokens_per_s"]["median"] > 0 and row["mfu"] == pytest.approx(row["model_tflops"])
+
