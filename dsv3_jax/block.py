@@ -59,14 +59,18 @@ class Block(nn.Module):
     return x_BSD, (stats, cache)
 
 
-# Stacks of at most this many layers are unrolled inside their scan (the parameters keep their stacked layout):
-# the small model's step (one dense + three MoE layers, 16 x 128 tokens, 2-core CPU) went from 417-425 ms to
-# 395-400 ms, compile time unchanged. Deeper stacks stay rolled, so compile time does not grow with depth.
+# With unroll=True, stacks of at most this many layers are unrolled inside their scan (the parameters keep their
+# stacked layout). The training step of the small model (one dense + three MoE layers, 16 x 128 tokens, 2-core
+# CPU) went from 417-425 ms to 395-400 ms, compile time unchanged; deeper stacks stay rolled, so compile time does
+# not grow with depth. Not for decoding: with a latent cache, the unrolled prefill of 64 tokens ran at about half
+# the speed of the rolled one (its per-layer cache slices and restacking are copies).
 UNROLL_MAX_LAYERS = 8
 
 
-def stack(cfg: config_lib.ModelConfig, *, moe: bool, length: int, impl: str, remat: str, name: str):
-  """`length` Blocks scanned over a leading layer axis of every parameter and variable (unrolled when short)."""
+def stack(cfg: config_lib.ModelConfig, *, moe: bool, length: int, impl: str, remat: str, name: str,
+          unroll: bool = False):
+  """`length` Blocks scanned over a leading layer axis of every parameter and variable; with `unroll`, a stack of
+  at most UNROLL_MAX_LAYERS layers runs unrolled."""
   if remat not in REMAT_POLICIES:
     raise ValueError(f"remat policy {remat!r} is not one of {sorted(REMAT_POLICIES)}")
   layer = Block
@@ -78,7 +82,7 @@ def stack(cfg: config_lib.ModelConfig, *, moe: bool, length: int, impl: str, rem
       split_rngs={"params": True},
       in_axes=(0, nn.broadcast, nn.broadcast),
       length=length,
-      unroll=True if length <= UNROLL_MAX_LAYERS else 1,
+      unroll=True if unroll and length <= UNROLL_MAX_LAYERS else 1,
       metadata_params={nn.PARTITION_NAME: "layers"},
   )
   return scanned(cfg, moe=moe, impl=impl, name=name)

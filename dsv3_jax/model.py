@@ -36,21 +36,23 @@ class Output(NamedTuple):
 
 
 class Transformer(nn.Module):
-  """DeepSeek-V3. `impl` picks the grouped-matmul implementation, `remat` the rematerialisation."""
+  """DeepSeek-V3. `impl` picks the grouped-matmul implementation, `remat` the rematerialisation, `unroll` whether
+  short layer stacks run unrolled (training: faster; `block.UNROLL_MAX_LAYERS`)."""
 
   cfg: config_lib.ModelConfig
   impl: str = "xla"
   remat: str = "none"
+  unroll: bool = False
 
   def setup(self):
     c = self.cfg
     self.embed = layers.Embed(c)
     if c.n_dense_layers:
       self.dense_layers = block_lib.stack(c, moe=False, length=c.n_dense_layers, impl=self.impl,
-                                          remat=self.remat, name="dense_layers")
+                                          remat=self.remat, name="dense_layers", unroll=self.unroll)
     if c.n_moe_layers:
       self.moe_layers = block_lib.stack(c, moe=True, length=c.n_moe_layers, impl=self.impl,
-                                        remat=self.remat, name="moe_layers")
+                                        remat=self.remat, name="moe_layers", unroll=self.unroll)
     self.norm = layers.RMSNorm(c, c.dim)
     self.head = self.param("head", nn.with_logical_partitioning(nn.initializers.normal(c.init_std),
                                                                 ("embed", "vocab")),

@@ -106,7 +106,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _loss_fn(params, routing, batch, mtp_lambda, *, cfg, config):
-  model = model_lib.Transformer(cfg, impl=config.train.impl, remat=config.train.remat)
+  model = model_lib.Transformer(cfg, impl=config.train.impl, remat=config.train.remat, unroll=True)
   segments = None if config.data.attend_across_documents else batch["segment_ids"]
   out = model.apply({"params": params, "routing": routing}, batch["inputs"], segment_ids_BS=segments)
   loss_batch = dict(batch)
