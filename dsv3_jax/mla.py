@@ -1,7 +1,8 @@
 """Multi-head Latent Attention (paper §2.1.1): low-rank queries, a compressed KV latent, decoupled RoPE.
 
 Two paths with the same math (numerics §2.6):
-- `__call__`, the training/prefill path: expands the latent into per-head keys and values.
+- `__call__`, the training/prefill path: expands the latent into per-head keys and values. Under the training
+  path's `CausalMask` and past 256 tokens, attention runs blockwise (`flash_attention`): no [S, S] scores.
 - `absorbed`, the decode path: caches only kv_norm(c_kv) [B,T,C] and the roped shared key [B,T,R],
   and folds wkv_b into the query and the output, so no per-head key or value is ever formed.
 """

@@ -8,6 +8,8 @@ Model code calls these and never imports a kernel. Today:
 Both also run inside `shard_map` (expert parallelism), where the zeros of skipped tiles take on the
 manual axes their operands vary over, as scan and cond require, and the backward sums a gradient over
 the axes its primal is replicated on (the transpose of using a replicated weight on varying tokens).
+- `grouped_swiglu`: the routed experts' whole SwiGLU (three GEMMs) in one scan over the same tiles, forward and
+  backward; what `moe.expert_ffn` runs for impl="xla".
 - `fp8_gemm`, `grouped_fp8_gemm`, `grouped_fp8_gemm_wgrad`: the block-scaled FP8 GEMMs of `fp8.py`'s Linears
   (dense; MoE forward/Dgrad over the same tiles; MoE Wgrad).
   impl="xla"    `fp8.scaled_matmul` and its grouped forms: the definition, plain XLA, any backend.
