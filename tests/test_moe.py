@@ -242,16 +242,22 @@ def test_bias_is_routing_state_not_a_parameter(tiny_moe):
 # Cost: the xla grouped matmul computes live tiles only, and live tiles are bounded by routed rows.
 
 
-def test_grouped_matmul_never_touches_padding_tiles():
-  """NaN in every padding tile (and its cotangent) stays out of the results: those tiles are never multiplied."""
-  n_experts, n_slots = 8, 100
-  experts_N = jnp.asarray(np.random.default_rng(0).integers(0, n_experts, n_slots), jnp.int32)
+def _nan_padded_tiles(seed: int, out_width: int, n_experts: int = 8, n_slots: int = 100):
+  """(layout, live tiles, x [G, M, DIM], dy [G, M, out_width]) with NaN in every padding tile of x and dy."""
+  experts_N = jnp.asarray(np.random.default_rng(seed).integers(0, n_experts, n_slots), jnp.int32)
   layout = moe.tile_layout(experts_N, n_experts)
   n_groups, rows, n_tiles = layout.tile_expert_G.shape[0], layout.rows, int(layout.n_tiles)
   assert n_tiles < n_groups
   dead_G = (jnp.arange(n_groups) >= n_tiles)[:, None, None]
   x_GMD = jnp.where(dead_G, jnp.nan, jax.random.normal(jax.random.key(0), (n_groups, rows, DIM)))
-  dy_GMF = jnp.where(dead_G, jnp.nan, jax.random.normal(jax.random.key(1), (n_groups, rows, HIDDEN)))
+  dy_GMF = jnp.where(dead_G, jnp.nan, jax.random.normal(jax.random.key(1), (n_groups, rows, out_width)))
+  return layout, n_tiles, x_GMD, dy_GMF
+
+
+def test_grouped_matmul_never_touches_padding_tiles():
+  """NaN in every padding tile (and its cotangent) stays out of the results: those tiles are never multiplied."""
+  n_experts = 8
+  layout, n_tiles, x_GMD, dy_GMF = _nan_padded_tiles(0, HIDDEN, n_experts)
   w_EDF = _weights(n_experts, seed=2)[0]
 
   fn = lambda x, w: ops.grouped_matmul(x, w, layout.tile_expert_G, layout.n_tiles, "xla")
@@ -264,14 +270,8 @@ def test_grouped_matmul_never_touches_padding_tiles():
 
 def test_fused_swiglu_never_touches_padding_tiles():
   """The same for the fused SwiGLU loop (`ops.grouped_swiglu`, what the xla impl runs), forward and backward."""
-  n_experts, n_slots = 8, 100
-  experts_N = jnp.asarray(np.random.default_rng(1).integers(0, n_experts, n_slots), jnp.int32)
-  layout = moe.tile_layout(experts_N, n_experts)
-  n_groups, rows, n_tiles = layout.tile_expert_G.shape[0], layout.rows, int(layout.n_tiles)
-  assert n_tiles < n_groups
-  dead_G = (jnp.arange(n_groups) >= n_tiles)[:, None, None]
-  x_GMD = jnp.where(dead_G, jnp.nan, jax.random.normal(jax.random.key(0), (n_groups, rows, DIM)))
-  dy_GMD = jnp.where(dead_G, jnp.nan, jax.random.normal(jax.random.key(1), (n_groups, rows, DIM)))
+  n_experts = 8
+  layout, n_tiles, x_GMD, dy_GMD = _nan_padded_tiles(1, DIM, n_experts)
   fn = lambda x, *ws: ops.grouped_swiglu(x, *ws, layout.tile_expert_G, layout.n_tiles)
   y_GMD, (dx_GMD, *dws) = jax.jit(lambda x, ws, dy: _value_and_vjp(fn, dy, x, *ws))(x_GMD, _weights(n_experts, 2),
                                                                                    dy_GMD)
