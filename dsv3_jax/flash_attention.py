@@ -13,11 +13,12 @@ The backward recomputes p = exp(s_ij - lse) block by block:
 
     dv_j += p^T do_i,  ds = p (do_i v_j^T - D_i),  dq_i += ds k_j,  dk_j += ds^T q_i,  D_i = rowsum(do_i o_i)
 
-So no [S, T] array is ever formed: every intermediate is a [B, H, block, block] tile that stays in cache between
-the ops that touch it, the blocks above the diagonal are skipped (half the work at long lengths), and the
-memory kept for the backward is O(S), not O(S^2). Scores, softmax and accumulators are fp32; the matmul inputs
-keep their dtype. Rows whose keys are all masked (only padding queries have them) average the keys their blocks
-visited, as the expanded path averages all keys; their outputs are meaningless in both.
+So no [S, T] array is ever formed: every intermediate is a [B, H, block, block] tile, the blocks above the
+diagonal are skipped (half the work at long lengths), and the memory it keeps for the backward is O(S), not
+O(S^2), besides the [B, S, S] bool mask it was given (built once by the model and shared by every layer).
+Scores, softmax and accumulators are fp32; the matmul inputs keep their dtype. Rows whose keys are all masked
+(only padding queries have them) average the keys their blocks visited, as the expanded path averages all keys;
+their outputs are meaningless in both.
 
 The queries carry the softmax scale. q [B, S, H, K], k [B, S, H, K], v [B, S, H, V], mask [B, S, S] bool.
 """
