@@ -2,6 +2,9 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
+# glibc's heap on transparent huge pages: XLA's per-step scratch is not faulted back in page by page every step
+# (dsv3_jax/host.py). Read by glibc when a process starts, so it is set here, for every command below.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: run test lint bench bench-moe param-count compare-torch plot plan multihost-cpu clean gpu-compile-check
 

@@ -33,12 +33,9 @@ def cluster_detected(environ: dict[str, str] | None = None) -> bool:
   return "OMPI_MCA_orte_hnp_uri" in env and int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
 
 
-def initialize(mode: str = "auto", coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
-  """Joins the job's other processes as `mode` says; returns whether jax.distributed was initialized.
-
-  Must run before anything touches a JAX backend (no jax.devices(), no arrays).
-  """
+def wanted(mode: str = "auto", coordinator_address: str | None = None, num_processes: int | None = None,
+           process_id: int | None = None) -> bool:
+  """Whether `initialize` with these arguments joins a multi-process job (it touches no JAX backend)."""
   if mode not in MODES:
     raise ValueError(f"distributed mode {mode!r} is not one of {MODES}")
   explicit = any(v is not None for v in (coordinator_address, num_processes, process_id))
@@ -46,8 +43,18 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None, num_p
     if explicit:
       raise ValueError("distributed mode 'off' contradicts the coordinator_address/num_processes/process_id given")
     return False
-  if mode == "auto" and not (explicit or os.environ.get("JAX_COORDINATOR_ADDRESS") or cluster_detected()):
+  return mode == "on" or explicit or bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or cluster_detected()
+
+
+def initialize(mode: str = "auto", coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+  """Joins the job's other processes as `mode` says; returns whether jax.distributed was initialized.
+
+  Must run before anything touches a JAX backend (no jax.devices(), no arrays).
+  """
+  if not wanted(mode, coordinator_address, num_processes, process_id):
     return False
+  explicit = any(v is not None for v in (coordinator_address, num_processes, process_id))
   if explicit and coordinator_address is not None and (num_processes is None or process_id is None):
     raise ValueError("with an explicit coordinator_address, give num_processes and process_id too")
   if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:

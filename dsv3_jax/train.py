@@ -40,6 +40,7 @@ from dsv3_jax import checkpoint
 from dsv3_jax import config as config_lib
 from dsv3_jax import data
 from dsv3_jax import generate
+from dsv3_jax import host
 from dsv3_jax import loss as loss_lib
 from dsv3_jax import metrics as metrics_lib
 from dsv3_jax import model as model_lib
@@ -103,6 +104,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
       for part in key.split("."):
         node = node[part]
       raise ConfigValueError(f"config.{key} = {node!r}: {why}")
+
+
+def set_cpu_devices(config: ml_collections.ConfigDict, spec: str = "auto", multi_process: bool = False) -> int:
+  """Splits this host's CPU into XLA devices for the run (`host.set_cpu_devices`) before any backend exists.
+
+  'auto' gives one device per core, as many as divide config.data.batch_size, when the run is one process on
+  the default mesh (every device on `data`); a mesh the config pins, or a multi-process job, keeps the devices
+  it planned for.
+  """
+  m = config.mesh
+  default_mesh = m.data == -1 and all(m[axis] == 1 for axis in sharding.MESH_AXES if axis != "data")
+  return host.set_cpu_devices(spec, config.data.batch_size, may_split=default_mesh and not multi_process)
 
 
 def _loss_fn(params, routing, batch, mtp_lambda, *, cfg, config):

@@ -5,7 +5,11 @@
   python -m experiments.bench --sections=peak,train --repetitions=3
   python -m experiments.bench --sections=train --profile_dir=/tmp/prof    # also profiles our step
 
-What runs, in one process unless said otherwise (fp32 throughout, one CPU device):
+What runs, in one process unless said otherwise (fp32 throughout). Our step runs as the main job runs it: on
+the run config's mesh over this process's devices, which --cpu_devices (default auto, as in experiments.train)
+makes one per core the batch divides; transformers uses all cores as intra-op threads. Start it with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in the environment (`make bench` does; dsv3_jax/host.py), which the
+report records and which applies to both sides:
 - peak: a large square fp32 matmul in jax and in torch; the faster median is the machine's peak.
 - train: one optimizer step (forward + backward + clip + AdamW) of the run config's model (default
   configs/small_cpu.py: the small preset, vocab 257, 16 x 128 tokens), MTP off on both sides, on the
@@ -50,9 +54,11 @@ from ml_collections import config_flags
 
 from dsv3_jax import config as config_lib
 from dsv3_jax import convert
+from dsv3_jax import host
 from dsv3_jax import metrics
 from dsv3_jax import optimizer
 from dsv3_jax import param_count
+from dsv3_jax import sharding
 from dsv3_jax import train
 from experiments import bench_profile
 from experiments import bench_report
@@ -74,6 +80,9 @@ _SEQ_TOKENS = flags.DEFINE_integer("seq_tokens", 4096, "Tokens per step in the s
 _EXPERTS = flags.DEFINE_list("expert_counts", ["8", "32", "128", "256"], "Routed experts of the experts sweep.")
 _DECODE_BATCHES = flags.DEFINE_list("decode_batch_sizes", ["1", "8"], "Batch sizes of the decode figures.")
 _DECODE_NEW = flags.DEFINE_integer("decode_new_tokens", 64, "Generated tokens per sequence in the decode figures.")
+_CPU_DEVICES = flags.DEFINE_string("cpu_devices", "auto",
+                                   "XLA CPU devices for our step, as in experiments.train: 'auto' (one per core that "
+                                   "the batch divides) or a count. The seq sweep's points run on one.")
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Write a jax.profiler trace of our step here and summarise it.")
 _JSON_PATH = flags.DEFINE_string("json_path", os.path.join(_REPO, "docs/bench.json"), "Results as JSON.")
 _MD_PATH = flags.DEFINE_string("markdown_path", os.path.join(_REPO, "docs/BENCHMARKS.md"),
@@ -150,27 +159,37 @@ def bench_config(config: ml_collections.ConfigDict, **model_changes) -> ml_colle
 
 
 class OursStep:
-  """Our jitted train_step on a fixed batch; `step` dispatches one step, `sync` waits for the state."""
+  """Our train_step on a fixed batch, jitted as the main job jits it (`train.compile_steps` on the run's mesh);
+  `step` dispatches one step, `sync` waits for the state.
 
-  def __init__(self, config: ml_collections.ConfigDict, tokens_BS1: np.ndarray):
+  The mesh holds as many of this process's devices (at most `max_devices`) as split the batch evenly: with
+  --cpu_devices, the host's cores, on the `data` axis.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, tokens_BS1: np.ndarray, max_devices: int | None = None):
     self.cfg = train.model_config(config, vocab_needed=0)  # config.model with config.precision's recipe
     self.tx = optimizer.make(config.optimizer)
-    self.state = train.init_state(self.cfg, config, self.tx)
+    batch, seq = tokens_BS1.shape[0], tokens_BS1.shape[1] - 1
+    available = jax.device_count() if max_devices is None else min(max_devices, jax.device_count())
+    self.mesh = train.mesh_from_config(config, self.cfg, jax.devices()[:host.auto_device_count(batch, available)])
+    _, shardings = train.state_shardings(self.cfg, config, self.tx, self.mesh)
+    self.state = train.init_state(self.cfg, config, self.tx, shardings)
     # What the peers start from (the routing biases start at zero, on both sides).
     self.initial_variables = jax.tree.map(np.asarray, {"params": self.state.params, "routing": self.state.routing})
-    batch, seq = tokens_BS1.shape[0], tokens_BS1.shape[1] - 1
-    self.batch = jax.device_put({"inputs": tokens_BS1[None, :, :-1], "targets": tokens_BS1[None, :, 1:],
-                                 "segment_ids": np.ones((1, batch, seq), np.int32),
-                                 "loss_mask": np.ones((1, batch, seq), np.float32)})
+    self.batch = train.place_batch({"inputs": tokens_BS1[None, :, :-1], "targets": tokens_BS1[None, :, 1:],
+                                    "segment_ids": np.ones((1, batch, seq), np.int32),
+                                    "loss_mask": np.ones((1, batch, seq), np.float32)}, self.mesh, batch, leading=1)
     self.hparams = {"mtp_lambda": np.float32(config.loss.mtp_lambda), "gamma": np.float32(config.balance.gamma)}
-    fn = jax.jit(functools.partial(train.train_step, cfg=self.cfg, config=config, tx=self.tx), donate_argnums=(0,))
+    fn, _ = train.compile_steps(self.cfg, config, self.tx, self.mesh, shardings)
     start = time.perf_counter()
-    self.compiled = fn.lower(self.state, self.batch, self.hparams).compile()
+    with sharding.use_mesh(self.mesh):
+      self.compiled = fn.lower(self.state, self.batch, self.hparams).compile()
     self.compile_s = time.perf_counter() - start
     self.state, first = self.compiled(self.state, self.batch, self.hparams)
     self.first_ce = float(first["ce"])
     self.temp_bytes = int(self.compiled.memory_analysis().temp_size_in_bytes)
     self.flops_per_step = metrics.model_flops_per_token(self.cfg, seq) * batch * seq
+    self.devices = self.mesh.size
 
   def step(self) -> None:
     self.state, _ = self.compiled(self.state, self.batch, self.hparams)
@@ -291,7 +310,9 @@ def seq_point(config: ml_collections.ConfigDict, repetitions: int, warmup: int) 
   """Our step at the config's (batch, seq_len), MTP as configured; peak RSS of this process before and after."""
   seq, batch = config.data.seq_len, config.data.batch_size
   rss_start = _peak_rss_bytes()
-  runner = OursStep(config, random_tokens(config.model.vocab_size, batch, seq))
+  # One device at every length (the 4096 point's batch of 1 cannot be split): the sweep is about how the model's
+  # cost grows, not about the host's cores.
+  runner = OursStep(config, random_tokens(config.model.vocab_size, batch, seq), max_devices=1)
   for _ in range(warmup):
     runner.step()
   runner.sync()
@@ -419,6 +440,7 @@ def machine() -> dict[str, Any]:
           "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
           "flax": flax.__version__,
           "backend": jax.default_backend(), "devices": jax.device_count(),
+          "malloc_huge_pages": host.huge_page_malloc(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
           "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
   try:
     with open("/proc/cpuinfo") as f:
@@ -519,6 +541,10 @@ def _worker() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    host.set_cpu_devices(_CPU_DEVICES.value, _CONFIG.value.data.batch_size, may_split=not _WORKER.value)
+  except ValueError as e:
+    raise app.UsageError(f"--cpu_devices: {e}") from None
   if _WORKER.value:
     return _worker()
   if _FROM_JSON.value:

@@ -10,6 +10,11 @@ host, each started with the same flags plus its own id:
   python -m experiments.train ... --coordinator_address=host0:12355 --num_processes=2 --process_id=0
 
 Inside a multi-process SLURM or Open MPI job the flags can be left out (--distributed=auto).
+
+On a CPU host, --cpu_devices=auto (the default) splits the host into one XLA device per core, as many as
+divide config.data.batch_size, and the default mesh puts them all on `data` (dsv3_jax/host.py says why);
+--cpu_devices=1 keeps one device. Start it with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in the environment
+(`make run` does) for XLA's scratch on huge pages.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from dsv3_jax import distributed
+from dsv3_jax import host
 from dsv3_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).", lock_config=True)
@@ -30,15 +36,25 @@ _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", distributed.MODES,
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
+_CPU_DEVICES = flags.DEFINE_string("cpu_devices", "auto",
+                                   "XLA CPU devices in this process: 'auto' (one per core that the batch divides, "
+                                   "on a one-process run with the default mesh) or a count.")
 
 
 def main(argv):
   del argv
-  distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  job = (_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  multi_process = distributed.wanted(*job)
+  try:
+    train.set_cpu_devices(_CONFIG.value, _CPU_DEVICES.value, multi_process=multi_process)
+  except ValueError as e:
+    raise app.UsageError(f"--cpu_devices: {e}") from None
+  distributed.initialize(*job)
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)  # one log for the job: process 0's
-  logging.info("jax %s, process %d of %d, %d local / %d global devices", jax.__version__, jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info("jax %s, process %d of %d, %d local / %d global devices; malloc on huge pages: %s",
+               jax.__version__, jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), host.huge_page_malloc())
   summary = train.run(_CONFIG.value, _WORKDIR.value)
   if jax.process_index() == 0:
     _report(summary)

@@ -28,7 +28,7 @@ def _command(workdir):
 
 def _env():
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one CPU device, as a user's run
+  env.pop("XLA_FLAGS", None)  # the host split per core (--cpu_devices=auto), as a user's run
   return env
 
 
