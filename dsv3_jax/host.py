@@ -1,9 +1,9 @@
 """The host CPU as XLA devices, and the allocator setting that keeps XLA's buffers on huge pages.
 
-XLA's CPU runtime runs the dots inside a loop body (the routed experts' tile loop, the blockwise attention's
-block loops) on one core, whatever the thread pool holds. Splitting the host into one XLA device per core and
-the batch over them (the `data` mesh axis, as on any other set of devices) gives every core its own stream of
-ops. `set_cpu_devices` does that for an entry point, before any backend exists:
+XLA's CPU runtime runs the small dots inside a loop body (the routed experts' tile loop) on one core, whatever
+the thread pool holds (docs/BENCHMARKS.md). Splitting the host into one XLA device per core and the batch over
+them (the `data` mesh axis, as on any other set of devices) gives every core its own stream of ops.
+`set_cpu_devices` does that for an entry point, before any backend exists:
 
   host.set_cpu_devices("auto", batch_size=config.data.batch_size)   # one device per core the batch divides
 

@@ -189,7 +189,6 @@ class OursStep:
     self.first_ce = float(first["ce"])
     self.temp_bytes = int(self.compiled.memory_analysis().temp_size_in_bytes)
     self.flops_per_step = metrics.model_flops_per_token(self.cfg, seq) * batch * seq
-    self.devices = self.mesh.size
 
   def step(self) -> None:
     self.state, _ = self.compiled(self.state, self.batch, self.hparams)
