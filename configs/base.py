@@ -84,7 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.warmup_microbatches = 0  # micro-batches per step at the start of batch-size warm-up; 0 for none
   c.train.batch_warmup_tokens = 0  # tokens over which micro-batches ramp to train.microbatches
   c.train.remat = "none"  # rematerialisation per layer: none | full | dots
-  c.train.impl = "xla"  # grouped expert matmul: xla | ragged_dot
+  # Routed experts' GEMMs (dsv3_jax/ops.py): auto (the native BLAS call on CPU in fp32, else xla) | xla | native |
+  # ragged_dot.
+  c.train.impl = "auto"
   c.train.log_every = 10  # steps between console/metrics lines
   c.train.eval_every = 100  # steps between held-out evaluations; 0 for the end only
   c.train.eval_batches = 4  # held-out micro-batches per evaluation

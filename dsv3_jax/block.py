@@ -28,7 +28,7 @@ class Block(nn.Module):
 
   cfg: config_lib.ModelConfig
   moe: bool
-  impl: str = "xla"
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x_BSD: jax.Array, cache: mla.LatentCache | None, positions_BS: jax.Array,

@@ -128,7 +128,7 @@ def on_local_tokens(fn: Callable[[jax.Array], jax.Array], x_W: jax.Array) -> jax
 
 
 def dispatch(x_WD: jax.Array, routing: moe.Routing, w1_EDF: jax.Array, w3_EDF: jax.Array, w2_EFD: jax.Array,
-             impl: str = "xla", exchange: str = "auto") -> jax.Array:
+             impl: str = "auto", exchange: str = "auto") -> jax.Array:
   """The routed-expert output of every token, computed where its experts live (same result as local).
 
   With the experts split, tokens travel by all-to-all (`exchange`: dense, ragged, or auto by platform);

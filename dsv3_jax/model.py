@@ -40,7 +40,7 @@ class Transformer(nn.Module):
   short layer stacks run unrolled (training: faster; `block.UNROLL_MAX_LAYERS`)."""
 
   cfg: config_lib.ModelConfig
-  impl: str = "xla"
+  impl: str = "auto"
   remat: str = "none"
   unroll: bool = False
 

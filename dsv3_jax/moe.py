@@ -10,7 +10,8 @@ expert axis of size > 1, else the local dispatch on each device's own tokens). B
 SwiGLU over expert-contiguous row tiles (`expert_ffn`).
 
 Precision (cfg.precision, paper §3.3): the `impl` passed down the dispatch names the routed experts'
-GEMM, either an `ops.grouped_matmul` impl (in cfg.dtype) or, under the "fp8" recipe, "fp8:" + an FP8
+GEMM, either an `ops.grouped_swiglu` impl ("auto": a native BLAS custom call on CPU in float32, else the XLA
+tile loop) or `ops.grouped_matmul` impl (in cfg.dtype), or, under the "fp8" recipe, "fp8:" + an FP8
 GEMM impl, which runs `fp8.grouped_linear` (Fprop, Dgrad and Wgrad in FP8 over the same tiles). The
 gathered dispatch (no more routed slots than experts: decoding a few tokens) stays in cfg.dtype: it
 multiplies each slot by its own gathered expert matrices, which are memory-bound vector-matrix products
@@ -134,29 +135,36 @@ def expert_ffn(x_RD: jax.Array, layout: TileLayout, w1_EDF: jax.Array, w3_EDF: j
                impl: str) -> jax.Array:
   """SwiGLU of each tile row through its tile's expert; x_RD and the result are in tile-row order.
 
-  impl: an `ops.grouped_matmul` impl, or "fp8:" + an `ops` FP8 GEMM impl (all three GEMMs in FP8).
+  x_RD's padding rows (slot_of_row_R == N) must be zeros; their outputs are zeros.
+  impl: an `ops.grouped_swiglu` impl ("auto", "xla", "native": the three GEMMs in one op), "ragged_dot" (three
+  `ops.grouped_matmul`s), or "fp8:" + an `ops` FP8 GEMM impl (all three GEMMs in FP8).
   """
   n_groups = layout.tile_expert_G.shape[0]
   x_GMD = x_RD.reshape(n_groups, layout.rows, -1)
+  stored = isinstance(w1_EDF, fp8_weights.Stored)
 
   def gmm(a, w):
-    if isinstance(w, fp8_weights.Stored):  # FP8-stored weights (inference)
+    if stored:  # FP8-stored weights (inference)
       if impl.startswith(FP8):
         return fp8_weights.grouped_linear(a, w, layout.tile_expert_G, layout.n_tiles, impl.removeprefix(FP8))
-      return ops.grouped_matmul(a, w.dequantize(a.dtype), layout.tile_expert_G, layout.n_tiles, impl)
-    if impl.startswith(FP8):
+      w = w.dequantize(a.dtype)
+    elif impl.startswith(FP8):
       return fp8.grouped_linear(a, w, layout.tile_expert_G, layout.n_tiles, impl.removeprefix(FP8))
-    return ops.grouped_matmul(a, w, layout.tile_expert_G, layout.n_tiles, impl)
+    matmul_impl = "xla" if impl in ops.GROUPED_SWIGLU_IMPLS else impl
+    return ops.grouped_matmul(a, w, layout.tile_expert_G, layout.n_tiles, matmul_impl)
 
-  if impl == "xla" and not isinstance(w1_EDF, fp8_weights.Stored):  # the three GEMMs in one loop over the tiles
-    y_GMD = ops.grouped_swiglu(x_GMD, w1_EDF, w3_EDF, w2_EFD, layout.tile_expert_G, layout.n_tiles)
+  if impl in ops.GROUPED_SWIGLU_IMPLS and not stored:  # the three GEMMs in one op
+    n_slots = layout.row_of_slot_N.shape[0]
+    live_rows_G = jnp.sum((layout.slot_of_row_R < n_slots).reshape(n_groups, layout.rows), axis=1, dtype=jnp.int32)
+    y_GMD = ops.grouped_swiglu(x_GMD, w1_EDF, w3_EDF, w2_EFD, layout.tile_expert_G, layout.n_tiles, live_rows_G,
+                               impl)
     return y_GMD.reshape(n_groups * layout.rows, -1)
   h_GMF = nn.silu(gmm(x_GMD, w1_EDF)) * gmm(x_GMD, w3_EDF)
   return gmm(h_GMF, w2_EFD).reshape(n_groups * layout.rows, -1)
 
 
 def local_dispatch(x_WD: jax.Array, routing: Routing, w1_EDF: jax.Array, w3_EDF: jax.Array,
-                   w2_EFD: jax.Array, impl: str = "xla") -> jax.Array:
+                   w2_EFD: jax.Array, impl: str = "auto") -> jax.Array:
   """Dropless routed-expert FFN on this device's tokens; cost grows with tokens x top-k only.
 
   With no more routed slots than experts (decoding a few sequences), each slot gathers its own
@@ -212,7 +220,7 @@ class RoutedExperts(nn.Module):
 
   cfg: config_lib.ModelConfig
   dispatch: Dispatch | None = None
-  impl: str = "xla"
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x_WD: jax.Array, routing: Routing) -> jax.Array:
@@ -248,7 +256,7 @@ class MoE(nn.Module):
   """y = sum_k g_k Expert_k(x) + Shared(x), with load statistics for balancing."""
 
   cfg: config_lib.ModelConfig
-  impl: str = "xla"
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x_BSD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -23,7 +23,7 @@ class MTPModule(nn.Module):
   """One MTP depth: its own projection, norms and decoder layer (an MoE layer, like layer 61)."""
 
   cfg: config_lib.ModelConfig
-  impl: str = "xla"
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, emb_BSD: jax.Array, h_BSD: jax.Array, positions_BS: jax.Array, mask_BST: jax.Array | None,

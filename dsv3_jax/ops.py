@@ -8,8 +8,11 @@ Model code calls these and never imports a kernel. Today:
 Both also run inside `shard_map` (expert parallelism), where the zeros of skipped tiles take on the
 manual axes their operands vary over, as scan and cond require, and the backward sums a gradient over
 the axes its primal is replicated on (the transpose of using a replicated weight on varying tokens).
-- `grouped_swiglu`: the routed experts' whole SwiGLU (three GEMMs) in one scan over the same tiles, forward and
-  backward; what `moe.expert_ffn` runs for impl="xla".
+- `grouped_swiglu`: the routed experts' whole SwiGLU (three GEMMs) over the same tiles, forward and backward; what
+  `moe.expert_ffn` runs for impl "auto", "xla" and "native".
+  impl="xla"    one scan over the tiles, three GEMMs per live tile.
+  impl="native" a CPU custom call over BLAS (`cpu_experts.py`): one GEMM per expert's rows, padding rows skipped.
+  impl="auto"   "native" when lowering for the CPU in float32 where it can be built, else "xla".
 - `fp8_gemm`, `grouped_fp8_gemm`, `grouped_fp8_gemm_wgrad`: the block-scaled FP8 GEMMs of `fp8.py`'s Linears
   (dense; MoE forward/Dgrad over the same tiles; MoE Wgrad).
   impl="xla"    `fp8.scaled_matmul` and its grouped forms: the definition, plain XLA, any backend.
@@ -27,10 +30,12 @@ import math
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax import cpu_experts
 from dsv3_jax import fp8  # fp8 imports ops back; each only calls the other at run time
 from pallas_kernels import fp8_gemm as fp8_kernels
 
 GROUPED_MATMUL_IMPLS = ("xla", "ragged_dot")
+GROUPED_SWIGLU_IMPLS = ("auto", "xla", "native")
 FP8_GEMM_IMPLS = ("xla", "pallas")
 
 
@@ -110,15 +115,36 @@ _scan_grouped_matmul.defvjp(_scan_grouped_matmul_fwd, _scan_grouped_matmul_bwd)
 
 
 def grouped_swiglu(x_GMD: jax.Array, w1_EDF: jax.Array, w3_EDF: jax.Array, w2_EFD: jax.Array,
-                   tile_expert_G: jax.Array, n_tiles: jax.Array) -> jax.Array:
+                   tile_expert_G: jax.Array, n_tiles: jax.Array, live_rows_G: jax.Array | None = None,
+                   impl: str = "auto") -> jax.Array:
   """y[g] = (silu(x[g] @ w1[e]) * (x[g] @ w3[e])) @ w2[e] with e = tile_expert[g], for the first n_tiles tiles.
 
-  The routed experts' whole SwiGLU in one scan over the tiles (the "xla" grouped_matmul three times over, fused):
-  each live tile slices its expert's three matrices once and runs its three GEMMs in one iteration, forward and
-  backward, instead of three scans of a GEMM each (a third of the loop iterations, branches and slices). The
-  backward recomputes the tile's hidden activations from its input rather than keeping them.
+  The routed experts' whole SwiGLU, forward and backward, over the tiles; later (padding) tiles give zeros.
+  live_rows_G (default: every row) counts the live rows at the start of each tile; the rows after them are
+  padding, whose inputs must be zeros (as `moe.tile_layout` places them) and whose outputs are then zeros.
+  impl:
+    "xla"    one scan over the tiles (the "xla" grouped_matmul three times over, fused): each live tile slices its
+             expert's three matrices once and runs its three GEMMs in one iteration, forward and backward. The
+             backward recomputes the tile's hidden activations from its input rather than keeping them.
+    "native" `cpu_experts.grouped_swiglu`: a custom call over BLAS, one GEMM per run of an expert's tiles, padding
+             rows skipped; the CPU only, float32 only; an error where it cannot run (the reason is named).
+    "auto"   "native" when lowering for the CPU with float32 operands and the native kernels are available here,
+             "xla" otherwise (other platforms, other dtypes, no compiler or BLAS).
   """
-  return _scan_grouped_swiglu(x_GMD, w1_EDF, w3_EDF, w2_EFD, tile_expert_G, n_tiles)
+  if impl not in GROUPED_SWIGLU_IMPLS:
+    raise ValueError(f"grouped_swiglu impl {impl!r} is not one of {GROUPED_SWIGLU_IMPLS}")
+  if live_rows_G is None:
+    live_rows_G = jnp.full(tile_expert_G.shape, x_GMD.shape[1], jnp.int32)
+  args = (x_GMD, w1_EDF, w3_EDF, w2_EFD, tile_expert_G, n_tiles, live_rows_G)
+  scan = lambda *a: _scan_grouped_swiglu(*a[:6])
+  if impl == "xla" or (impl == "auto" and not cpu_experts.supports(*args[:4])):
+    return scan(*args)
+  if impl == "native":
+    if not all(a.dtype == jnp.float32 for a in args[:4]):
+      raise ValueError("grouped_swiglu impl 'native' is float32 only; got "
+                       f"{', '.join(str(a.dtype) for a in args[:4])} for x, w1, w3, w2 (use 'auto' or 'xla')")
+    return cpu_experts.grouped_swiglu(*args)
+  return jax.lax.platform_dependent(*args, cpu=cpu_experts.grouped_swiglu, default=scan)
 
 
 def _swiglu_tile(x_MD, w1_DF, w3_DF, w2_FD):

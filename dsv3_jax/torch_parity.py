@@ -115,7 +115,7 @@ def hf_forward(hf_model, tokens: np.ndarray):
   return out.logits.numpy(), out.hidden_states[-1].numpy(), hidden, experts
 
 
-def ours_forward(variables, cfg: config_lib.ModelConfig, tokens: np.ndarray, impl: str = "xla"):
+def ours_forward(variables, cfg: config_lib.ModelConfig, tokens: np.ndarray, impl: str = "auto"):
   """Our logits, per-layer outputs and per-MoE-layer selected experts [B, S, K]."""
   model = model_lib.Transformer(cfg, impl=impl)
   out, inter = model.apply(variables, jnp.asarray(tokens), with_mtp=False, mutable=["intermediates"])

@@ -408,7 +408,7 @@ def moe_layer(config: ml_collections.ConfigDict, counts: list[int], repetitions:
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "moe.json")
     _child(["-m", "experiments.bench_moe", f"--tokens={d.batch_size * d.seq_len}", f"--batch={d.batch_size}",
-            f"--experts={','.join(map(str, counts))}", "--impls=xla", f"--dim={m.dim}",
+            f"--experts={','.join(map(str, counts))}", "--impls=auto,xla", f"--dim={m.dim}",
             f"--moe_inter_dim={m.moe_inter_dim}", f"--top_k={m.n_activated_experts}",
             f"--n_shared_experts={m.n_shared_experts}", f"--reps={repetitions}", f"--json_out={path}"],
            "experiments.bench_moe", timeout_s=1800)

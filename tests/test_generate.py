@@ -170,8 +170,12 @@ def test_speculative_greedy_equals_plain_greedy_on_a_trained_model():
   prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11], [12, 13], [30, 31, 0, 1]]
   plain = generate.generate(variables, cfg, prompts, 40, jax.random.PRNGKey(0), details=True)
   spec = generate.generate(variables, cfg, prompts, 40, jax.random.PRNGKey(0), speculative=True, details=True)
-  assert spec.tokens == plain.tokens
-  assert 0 < spec.accepted < spec.drafted  # both branches ran
+  assert spec.tokens == plain.tokens and spec.accepted > 0
+  # An untrained drafter (the MTP module at its initial weights) is mostly wrong: its rejected drafts change nothing.
+  untrained = {**variables, "params": {**variables["params"],
+                                       "mtp_0": model_lib.init(cfg, jax.random.PRNGKey(1))["params"]["mtp_0"]}}
+  wrong = generate.generate(untrained, cfg, prompts, 40, jax.random.PRNGKey(0), speculative=True, details=True)
+  assert wrong.tokens == plain.tokens and wrong.accepted < wrong.drafted
   alone = generate.generate(variables, cfg, prompts[:1], 40, jax.random.PRNGKey(0), speculative=True, details=True)
   assert alone.tokens == plain.tokens[:1] and alone.accepted > 0
   assert alone.steps + alone.accepted in (39, 40)  # every accepted draft saves a step (the last may be cut)

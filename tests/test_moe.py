@@ -71,7 +71,7 @@ DISPATCH_CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", ops.GROUPED_MATMUL_IMPLS)
+@pytest.mark.parametrize("impl", ("auto", "xla", "native", "ragged_dot"))
 @pytest.mark.parametrize("n_tokens,n_experts,top_k,same", DISPATCH_CASES)
 def test_local_dispatch_matches_dense_reference(impl, n_tokens, n_experts, top_k, same):
   routing = _routing(n_tokens, n_experts, top_k, seed=n_tokens + n_experts, same=same)
@@ -268,11 +268,12 @@ def test_grouped_matmul_never_touches_padding_tiles():
   assert np.all(np.isfinite(dw_EDF))
 
 
-def test_fused_swiglu_never_touches_padding_tiles():
-  """The same for the fused SwiGLU loop (`ops.grouped_swiglu`, what the xla impl runs), forward and backward."""
+@pytest.mark.parametrize("impl", ("xla", "native"))
+def test_fused_swiglu_never_touches_padding_tiles(impl):
+  """The same for the fused SwiGLU (`ops.grouped_swiglu`: the tile loop and the native call), forward and backward."""
   n_experts = 8
   layout, n_tiles, x_GMD, dy_GMD = _nan_padded_tiles(1, DIM, n_experts)
-  fn = lambda x, *ws: ops.grouped_swiglu(x, *ws, layout.tile_expert_G, layout.n_tiles)
+  fn = lambda x, *ws: ops.grouped_swiglu(x, *ws, layout.tile_expert_G, layout.n_tiles, impl=impl)
   y_GMD, (dx_GMD, *dws) = jax.jit(lambda x, ws, dy: _value_and_vjp(fn, dy, x, *ws))(x_GMD, _weights(n_experts, 2),
                                                                                    dy_GMD)
   np.testing.assert_array_equal(y_GMD[n_tiles:], 0)
@@ -310,7 +311,7 @@ def test_fused_swiglu_multiplies_only_inside_the_live_tile_branch():
   layout = moe.tile_layout(jnp.arange(64, dtype=jnp.int32) % 8, 8)
   x_GMD = jnp.ones((layout.tile_expert_G.shape[0], layout.rows, DIM))
   ws = _weights(8, 0)
-  loss = lambda x, *ws: jnp.sum(ops.grouped_swiglu(x, *ws, layout.tile_expert_G, layout.n_tiles) ** 2)
+  loss = lambda x, *ws: jnp.sum(ops.grouped_swiglu(x, *ws, layout.tile_expert_G, layout.n_tiles, impl="xla") ** 2)
   dots = _dots(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(x_GMD, *ws).jaxpr)
   # forward: x w1, x w3, h w2; backward: x w1, x w3 again, dy w2^T, da1 w1^T, da3 w3^T and the three x^T / h^T grads
   assert len(dots) == 11 and all(dots)
