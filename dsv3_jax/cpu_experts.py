@@ -34,6 +34,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from dsv3_jax import host
 from dsv3_jax import ops  # ops imports this module back; each only calls the other at run time
@@ -147,8 +148,20 @@ def available() -> bool:
 
 
 def supports(*operands: jax.Array) -> bool:
-  """Whether these operands (x and the three weight stacks) can take the native path."""
-  return all(jnp.dtype(a.dtype) == jnp.float32 for a in operands) and available()
+  """Whether these operands (x and the three weight stacks) can take the native path; logs once why not when the
+  kernels cannot be built or loaded here."""
+  if not all(jnp.dtype(a.dtype) == jnp.float32 for a in operands):
+    return False
+  if not available():
+    _warn_unavailable()
+    return False
+  return True
+
+
+@functools.cache
+def _warn_unavailable() -> None:
+  logging.warning("the native CPU routed-expert kernels are not available, so the XLA tile loop runs instead "
+                  "(slower): %s", unavailable_reason())
 
 
 def _threads() -> int:
