@@ -314,46 +314,34 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+// The thread pool and the operands every handler starts with.
+auto BindLayout() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()   // x
+      .Arg<ffi::Buffer<ffi::F32>>()   // w1
+      .Arg<ffi::Buffer<ffi::F32>>()   // w3
+      .Arg<ffi::Buffer<ffi::F32>>()   // w2
+      .Arg<ffi::Buffer<ffi::S32>>()   // tile_expert
+      .Arg<ffi::Buffer<ffi::S32>>()   // n_tiles
+      .Arg<ffi::Buffer<ffi::S32>>();  // live_rows
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedSwigluForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w1
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w3
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w2
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // tile_expert
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // n_tiles
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // live_rows
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                              BindLayout().Ret<ffi::Buffer<ffi::F32>>()  // y
                                   .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedSwigluForwardSaving, ForwardSaving,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w1
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w3
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w2
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // tile_expert
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // n_tiles
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // live_rows
+                              BindLayout()
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y
                                   .Ret<ffi::Buffer<ffi::F32>>()  // a1 = x @ w1
                                   .Ret<ffi::Buffer<ffi::F32>>()  // a3 = x @ w3
                                   .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedSwigluBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w1
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w3
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w2
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // tile_expert
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // n_tiles
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // live_rows
+                              BindLayout()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // a1
                                   .Arg<ffi::Buffer<ffi::F32>>()  // a3
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dy
