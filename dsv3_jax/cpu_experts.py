@@ -51,6 +51,9 @@ _SGEMM_SYMBOLS = (("scipy_cblas_sgemm64_", True), ("cblas_sgemm64_", True), ("sc
 _THREADS_SYMBOLS = ("openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local64_")
 
 
+_LOADED: list[ctypes.CDLL] = []  # the BLAS and handler libraries once loaded, kept for the process's life
+
+
 class Unavailable(RuntimeError):
   """The native kernels cannot run here; the message says why."""
 
@@ -130,7 +133,7 @@ def _load() -> str | None:
   except Unavailable as e:
     return str(e)
   lib.dsv3_set_blas(ctypes.c_void_p(sgemm), ctypes.c_int(int(ilp64)), ctypes.c_void_p(threads))
-  _load.keep = (blas_lib, lib)  # the libraries must outlive every compiled call into them
+  _LOADED.extend((blas_lib, lib))  # the libraries must outlive every compiled call into them
   jax.ffi.register_ffi_target(FORWARD_TARGET, jax.ffi.pycapsule(lib.GroupedSwigluForward), platform="cpu")
   jax.ffi.register_ffi_target(FORWARD_SAVING_TARGET, jax.ffi.pycapsule(lib.GroupedSwigluForwardSaving),
                               platform="cpu")
