@@ -142,6 +142,17 @@ def test_kernel_names_a_bad_layout(tile_expert, n_tiles, live_rows, message):
                                jnp.asarray(live_rows, jnp.int32)))
 
 
+def test_build_into_an_empty_cache_then_reuse(tmp_path, monkeypatch):
+  """A first build compiles into the cache (nothing else left there); the next call finds it without compiling."""
+  monkeypatch.setenv("DSV3_JAX_CACHE", str(tmp_path))
+  built = cpu_experts.build()
+  assert built.is_file() and built.is_relative_to(tmp_path)
+  assert [p for p in tmp_path.rglob("*") if p.is_file()] == [built]
+  stat = built.stat()
+  again = cpu_experts.build()
+  assert again == built and (again.stat().st_ino, again.stat().st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+
+
 def test_build_failure_names_the_command_and_leaves_no_library(tmp_path, monkeypatch):
   monkeypatch.setenv("DSV3_JAX_CACHE", str(tmp_path))
   monkeypatch.setenv("CXX", "false")  # a "compiler" that exits 1
