@@ -36,6 +36,9 @@ from dsv3_jax import ops
 
 ROUTING = "routing"  # variable collection of the correction biases
 FP8 = "fp8:"  # prefix of an expert GEMM impl that runs in FP8
+# The routed experts' implementations a run can name (config key train.impl): the ops.grouped_swiglu ones, and
+# ragged_dot as a reference.
+EXPERT_IMPLS = (*ops.GROUPED_SWIGLU_IMPLS, "ragged_dot")
 
 
 class Routing(NamedTuple):

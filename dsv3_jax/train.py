@@ -44,7 +44,7 @@ from dsv3_jax import host
 from dsv3_jax import loss as loss_lib
 from dsv3_jax import metrics as metrics_lib
 from dsv3_jax import model as model_lib
-from dsv3_jax import ops
+from dsv3_jax import moe as moe_lib
 from dsv3_jax import optimizer as optimizer_lib
 from dsv3_jax import sharding
 from dsv3_jax.pipeline import schedules
@@ -69,9 +69,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_needed: int) -> config
   for key, allowed in (("recipe", config_lib.PRECISION_RECIPES), ("impl", config_lib.FP8_IMPLS)):
     if config.precision[key] not in allowed:
       raise ConfigValueError(f"config.precision.{key} = {config.precision[key]!r}: must be one of {allowed}")
-  expert_impls = (*ops.GROUPED_SWIGLU_IMPLS, "ragged_dot")
-  if config.train.impl not in expert_impls:
-    raise ConfigValueError(f"config.train.impl = {config.train.impl!r}: must be one of {expert_impls}")
+  if config.train.impl not in moe_lib.EXPERT_IMPLS:
+    raise ConfigValueError(f"config.train.impl = {config.train.impl!r}: must be one of {moe_lib.EXPERT_IMPLS}")
   try:
     cfg = config_lib.ModelConfig(**config.model.to_dict(), precision=config.precision.recipe,
                                  fp8_impl=config.precision.impl)

@@ -71,7 +71,7 @@ DISPATCH_CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", ("auto", "xla", "native", "ragged_dot"))
+@pytest.mark.parametrize("impl", moe.EXPERT_IMPLS)
 @pytest.mark.parametrize("n_tokens,n_experts,top_k,same", DISPATCH_CASES)
 def test_local_dispatch_matches_dense_reference(impl, n_tokens, n_experts, top_k, same):
   routing = _routing(n_tokens, n_experts, top_k, seed=n_tokens + n_experts, same=same)

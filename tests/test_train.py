@@ -167,6 +167,10 @@ def test_bad_config_values_name_the_key():
   config.model.vocab_size = 100
   with pytest.raises(train.ConfigValueError, match="config.model.vocab_size = 100"):
     train.model_config(config, 257)
+  config = _config()
+  config.train.impl = "blas"
+  with pytest.raises(train.ConfigValueError, match="config.train.impl = 'blas': must be one of"):
+    train.model_config(config, 257)
 
 
 def test_batch_size_warmup_ramps_microbatches():
