@@ -8,8 +8,8 @@ setuptools.setup(
     description="A JAX/Flax reimplementation of DeepSeek-V3 (MLA, DeepSeekMoE, MTP).",
     python_requires=">=3.11",
     packages=["dsv3_jax", "pallas_kernels"],
-    # The native CPU kernels' source, compiled on first use (dsv3_jax/cpu_experts.py).
-    package_data={"dsv3_jax": ["csrc/*.cc"]},
+    # The native CPU kernels' source, compiled on first use (dsv3_jax/native.py).
+    package_data={"dsv3_jax": ["csrc/*.cc", "csrc/*.h"]},
     install_requires=[
         "jax==0.10.2",
         "jaxlib==0.10.2",

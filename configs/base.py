@@ -87,6 +87,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Routed experts' GEMMs (dsv3_jax/ops.py): auto (the native BLAS call on CPU in fp32, else xla) | xla | native |
   # ragged_dot.
   c.train.impl = "auto"
+  # Causal attention (dsv3_jax/mla.py): auto (the native CPU kernel in fp32, dsv3_jax/cpu_attention.py, else xla) |
+  # xla | native.
+  c.train.attention_impl = "auto"
   c.train.log_every = 10  # steps between console/metrics lines
   c.train.eval_every = 100  # steps between held-out evaluations; 0 for the end only
   c.train.eval_batches = 4  # held-out micro-batches per evaluation

@@ -29,6 +29,7 @@ class Block(nn.Module):
   cfg: config_lib.ModelConfig
   moe: bool
   impl: str = "auto"
+  attention_impl: str = "auto"  # mla.ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, x_BSD: jax.Array, cache: mla.LatentCache | None, positions_BS: jax.Array,
@@ -39,7 +40,7 @@ class Block(nn.Module):
     expanded path that also writes the latents; a cache without a mask (decode), the absorbed path.
     """
     c = self.cfg
-    attn = mla.MLA(c, name="attn")
+    attn = mla.MLA(c, attention_impl=self.attention_impl, name="attn")
     h_BSD = layers.RMSNorm(c, c.dim, name="attn_norm")(x_BSD)
     if cache is None:
       x_BSD = x_BSD + attn(h_BSD, positions_BS, mask_BST)
@@ -68,7 +69,7 @@ UNROLL_MAX_LAYERS = 8
 
 
 def stack(cfg: config_lib.ModelConfig, *, moe: bool, length: int, impl: str, remat: str, name: str,
-          unroll: bool = False):
+          unroll: bool = False, attention_impl: str = "auto"):
   """`length` Blocks scanned over a leading layer axis of every parameter and variable; with `unroll`, a stack of
   at most UNROLL_MAX_LAYERS layers runs unrolled."""
   if remat not in REMAT_POLICIES:
@@ -85,4 +86,4 @@ def stack(cfg: config_lib.ModelConfig, *, moe: bool, length: int, impl: str, rem
       unroll=True if unroll and length <= UNROLL_MAX_LAYERS else 1,
       metadata_params={nn.PARTITION_NAME: "layers"},
   )
-  return scanned(cfg, moe=moe, impl=impl, name=name)
+  return scanned(cfg, moe=moe, impl=impl, attention_impl=attention_impl, name=name)

@@ -2,7 +2,8 @@
 
 Two paths with the same math (numerics §2.6):
 - `__call__`, the training/prefill path: expands the latent into per-head keys and values. Under the training
-  path's `CausalMask` and past 256 tokens, attention runs blockwise (`flash_attention`): no [S, S] scores.
+  path's `CausalMask`, attention runs as one native call per pass on the CPU in float32 (`cpu_attention`; the
+  `attention_impl` choice), else, past 256 tokens, blockwise in XLA (`flash_attention`): no [S, S] scores.
 - `absorbed`, the decode path: caches only kv_norm(c_kv) [B,T,C] and the roped shared key [B,T,R],
   and folds wkv_b into the query and the output, so no per-head key or value is ever formed.
 """
@@ -15,9 +16,11 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax import config as config_lib
+from dsv3_jax import cpu_attention
 from dsv3_jax import flash_attention
 from dsv3_jax import layers
 from dsv3_jax import rope
+from dsv3_jax import sharding
 
 LatentCache = dict[str, jax.Array]  # {"kv": [B, T, C], "pe": [B, T, R]}
 
@@ -26,6 +29,11 @@ LatentCache = dict[str, jax.Array]  # {"kv": [B, T, C], "pe": [B, T, R]}
 # ran 888 ms with 256-row blocks against 1076 ms whole; 1024 x 4 953 ms with 512 against 994 ms with 256; 4096 x 1
 # 1829 ms with 512 against 1967 ms with 256. At 128 tokens, 64-row blocks gained nothing measurable.
 CAUSAL_BLOCKS = (256, 512)
+
+# How causal attention (the training path's) runs: "native" the CPU kernel of `cpu_attention` (float32 only), "xla"
+# plain JAX (`flash_attention` or the whole score matrix), "auto" the native kernel when lowering for the CPU with
+# float32 operands where it can be built, else XLA. Other masks always take XLA.
+ATTENTION_IMPLS = ("auto", "xla", "native")
 
 
 def causal_block(seq: int) -> int | None:
@@ -59,9 +67,12 @@ class MLA(nn.Module):
   """Multi-head Latent Attention with parameter names from DeepSeek's `inference/model.py`."""
 
   cfg: config_lib.ModelConfig
+  attention_impl: str = "auto"  # one of ATTENTION_IMPLS
 
   def setup(self):
     c = self.cfg
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
     if c.q_lora_rank:
       self.wq_a = layers.Linear(c, c.dim, c.q_lora_rank, ("embed", "q_lora"))
       self.q_norm = layers.RMSNorm(c, c.q_lora_rank, "q_lora")
@@ -98,10 +109,26 @@ class MLA(nn.Module):
   def _attend(self, q_BSHK, k_BTHK, v_BTHV, mask_BST, causal: bool):
     """softmax(q k^T, masked) v per head, [B, S, H, V]; the queries carry the softmax scale.
 
-    With a causal mask and more tokens than the smallest block (`causal_block`): `flash_attention.causal_attention`,
-    which skips the blocks above the diagonal and never forms the [B, H, S, T] scores. Otherwise the scores are
-    formed whole.
+    With a causal mask: the native CPU kernel (`cpu_attention`, per `attention_impl`), each device on its own
+    sequences and heads; else, past the smallest block (`causal_block`), `flash_attention.causal_attention`, which
+    skips the blocks above the diagonal and never forms the [B, H, S, T] scores. Otherwise the scores are formed
+    whole.
     """
+    operands = (q_BSHK, k_BTHK, v_BTHV, mask_BST)
+    impl = self.attention_impl
+    if not causal or impl == "xla" or (impl == "auto" and not cpu_attention.supports(*operands[:3])):
+      return self._xla_attend(*operands, causal)
+    if impl == "native" and not all(a.dtype == jnp.float32 for a in operands[:3]):
+      raise ValueError("attention_impl 'native' is float32 only; got "
+                       f"{', '.join(str(a.dtype) for a in operands[:3])} for q, k, v (use 'auto' or 'xla')")
+    qkv_axes = ("batch", "length", "heads", "head_dim")
+    native = lambda *a: sharding.per_shard(cpu_attention.causal_attention, a, (qkv_axes,) * 3 +
+                                           (("batch", "length", None),), qkv_axes)
+    if impl == "native":
+      return native(*operands)
+    return jax.lax.platform_dependent(*operands, cpu=native, default=lambda *a: self._xla_attend(*a, causal))
+
+  def _xla_attend(self, q_BSHK, k_BTHK, v_BTHV, mask_BST, causal: bool):
     block = causal_block(q_BSHK.shape[1]) if causal else None
     if block:
       return flash_attention.causal_attention(q_BSHK, k_BTHK, v_BTHV, mask_BST, block)

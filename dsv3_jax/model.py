@@ -36,11 +36,13 @@ class Output(NamedTuple):
 
 
 class Transformer(nn.Module):
-  """DeepSeek-V3. `impl` picks the grouped-matmul implementation, `remat` the rematerialisation, `unroll` whether
-  short layer stacks run unrolled (training: faster; `block.UNROLL_MAX_LAYERS`)."""
+  """DeepSeek-V3. `impl` picks the routed experts' GEMM implementation (`moe.EXPERT_IMPLS`), `attention_impl` causal
+  attention's (`mla.ATTENTION_IMPLS`), `remat` the rematerialisation, `unroll` whether short layer stacks run
+  unrolled (training: faster; `block.UNROLL_MAX_LAYERS`)."""
 
   cfg: config_lib.ModelConfig
   impl: str = "auto"
+  attention_impl: str = "auto"
   remat: str = "none"
   unroll: bool = False
 
@@ -49,15 +51,18 @@ class Transformer(nn.Module):
     self.embed = layers.Embed(c)
     if c.n_dense_layers:
       self.dense_layers = block_lib.stack(c, moe=False, length=c.n_dense_layers, impl=self.impl,
-                                          remat=self.remat, name="dense_layers", unroll=self.unroll)
+                                          remat=self.remat, name="dense_layers", unroll=self.unroll,
+                                          attention_impl=self.attention_impl)
     if c.n_moe_layers:
       self.moe_layers = block_lib.stack(c, moe=True, length=c.n_moe_layers, impl=self.impl,
-                                        remat=self.remat, name="moe_layers", unroll=self.unroll)
+                                        remat=self.remat, name="moe_layers", unroll=self.unroll,
+                                        attention_impl=self.attention_impl)
     self.norm = layers.RMSNorm(c, c.dim)
     self.head = self.param("head", nn.with_logical_partitioning(nn.initializers.normal(c.init_std),
                                                                 ("embed", "vocab")),
                            (c.dim, c.vocab_size), c.weight_dtype)
-    self.mtp = [mtp_lib.MTPModule(c, impl=self.impl) for _ in range(c.n_mtp_layers)]  # mtp_0, mtp_1, ...
+    self.mtp = [mtp_lib.MTPModule(c, impl=self.impl, attention_impl=self.attention_impl)  # mtp_0, mtp_1, ...
+                for _ in range(c.n_mtp_layers)]
 
   def __call__(self, tokens_BS: jax.Array, positions_BS: jax.Array | None = None,
                token_mask_BS: jax.Array | None = None, *, segment_ids_BS: jax.Array | None = None,

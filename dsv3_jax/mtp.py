@@ -24,6 +24,7 @@ class MTPModule(nn.Module):
 
   cfg: config_lib.ModelConfig
   impl: str = "auto"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, emb_BSD: jax.Array, h_BSD: jax.Array, positions_BS: jax.Array, mask_BST: jax.Array | None,
@@ -34,7 +35,8 @@ class MTPModule(nn.Module):
     h = layers.RMSNorm(c, c.dim, name="hnorm")(h_BSD)
     eh_proj = layers.Linear(c, 2 * c.dim, c.dim, ("mlp", "embed"), quantized=False, name="eh_proj")  # BF16 in V3
     x = eh_proj(jnp.concatenate([e, h], -1))
-    x, (stats, cache) = block_lib.Block(c, moe=True, impl=self.impl, name="block")(x, cache, positions_BS, mask_BST)
+    block = block_lib.Block(c, moe=True, impl=self.impl, attention_impl=self.attention_impl, name="block")
+    x, (stats, cache) = block(x, cache, positions_BS, mask_BST)
     return layers.RMSNorm(c, c.dim, name="norm")(x), stats, cache
 
 

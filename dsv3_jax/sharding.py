@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -79,6 +80,36 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
   if not mesh.empty and mesh.are_all_axes_manual:
     return x
   return nn.with_logical_constraint(x, logical_axes)
+
+
+def per_shard(fn: Callable[..., jax.Array], operands: Sequence[jax.Array],
+              in_axes: Sequence[tuple[str | None, ...]], out_axes: tuple[str | None, ...]) -> jax.Array:
+  """fn run by each device on its own block of the operands: a `shard_map` over the context mesh's axes that their
+  logical axes (`in_axes`, one tuple per operand; `out_axes` for the result) map to.
+
+  For ops XLA cannot partition (custom calls, which it would otherwise run on gathered operands). fn is applied
+  directly outside a mesh, inside a `shard_map` already manual over those axes, when no axis longer than 1
+  splits the operands, or when one does not divide its dimension.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return fn(*operands)
+  rules = tuple(nn.get_logical_axis_rules()) or LOGICAL_RULES
+
+  def spec(logical):
+    entries = nn.logical_to_mesh_axes(logical, rules)
+    entries = [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in entries]
+    return tuple(tuple(a for a in e if a in mesh.axis_names and mesh.shape[a] > 1) for e in entries)
+
+  in_specs = [spec(axes) for axes in in_axes]
+  used = {a for s in in_specs for e in s for a in e}
+  divides = all(x.shape[i] % math.prod(mesh.shape[a] for a in e) == 0 for x, s in zip(operands, in_specs, strict=True)
+                for i, e in enumerate(s))
+  if not used or used & set(mesh.manual_axes) or not divides:
+    return fn(*operands)
+  as_p = lambda s: P(*(e or None for e in s))
+  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(as_p(s) for s in in_specs), out_specs=as_p(spec(out_axes)),
+                       axis_names=used)(*operands)
 
 
 @contextlib.contextmanager

@@ -43,6 +43,7 @@ from dsv3_jax import generate
 from dsv3_jax import host
 from dsv3_jax import loss as loss_lib
 from dsv3_jax import metrics as metrics_lib
+from dsv3_jax import mla
 from dsv3_jax import model as model_lib
 from dsv3_jax import moe as moe_lib
 from dsv3_jax import optimizer as optimizer_lib
@@ -71,6 +72,9 @@ def model_config(config: ml_collections.ConfigDict, vocab_needed: int) -> config
       raise ConfigValueError(f"config.precision.{key} = {config.precision[key]!r}: must be one of {allowed}")
   if config.train.impl not in moe_lib.EXPERT_IMPLS:
     raise ConfigValueError(f"config.train.impl = {config.train.impl!r}: must be one of {moe_lib.EXPERT_IMPLS}")
+  if config.train.attention_impl not in mla.ATTENTION_IMPLS:
+    raise ConfigValueError(f"config.train.attention_impl = {config.train.attention_impl!r}: must be one of "
+                           f"{mla.ATTENTION_IMPLS}")
   try:
     cfg = config_lib.ModelConfig(**config.model.to_dict(), precision=config.precision.recipe,
                                  fp8_impl=config.precision.impl)
@@ -122,7 +126,8 @@ def set_cpu_devices(config: ml_collections.ConfigDict, spec: str = "auto", multi
 
 
 def _loss_fn(params, routing, batch, mtp_lambda, *, cfg, config):
-  model = model_lib.Transformer(cfg, impl=config.train.impl, remat=config.train.remat, unroll=True)
+  model = model_lib.Transformer(cfg, impl=config.train.impl, attention_impl=config.train.attention_impl,
+                                remat=config.train.remat, unroll=True)
   segments = None if config.data.attend_across_documents else batch["segment_ids"]
   out = model.apply({"params": params, "routing": routing}, batch["inputs"], segment_ids_BS=segments)
   loss_batch = dict(batch)

@@ -1,5 +1,6 @@
 """The native CPU routed-expert SwiGLU (dsv3_jax/cpu_experts.py): parity with the XLA tile loop, the choice "auto"
-makes, the kernel's checks of its inputs, and what happens where it cannot be built."""
+makes, the kernel's checks of its inputs; and the native library's build (dsv3_jax/native.py) and what happens
+where it cannot be built."""
 
 import math
 import os
@@ -12,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3_jax import cpu_experts
 from dsv3_jax import moe
+from dsv3_jax import native
 from dsv3_jax import ops
 
 DIM, HIDDEN = 24, 40
@@ -110,7 +111,7 @@ def _primitives(fn, *args) -> set[str]:
 
 def test_auto_calls_native_for_float32_and_the_tile_loop_otherwise():
   """impl="auto" stages the native call (for the CPU) with float32 operands and the tile loop alone for bfloat16."""
-  assert cpu_experts.available(), cpu_experts.unavailable_reason()
+  assert native.available(), native.unavailable_reason()
   layout, live_rows_G, x_GMD, _ = _tiles(np.arange(64) % 8, 8)
   fn = lambda x, *w: ops.grouped_swiglu(x, *w, layout.tile_expert_G, layout.n_tiles, live_rows_G, impl="auto")
   assert "ffi_call" in _primitives(jax.grad(lambda *a: fn(*a).sum(), argnums=(0, 1)), x_GMD, *_weights(8, 0))
@@ -145,23 +146,23 @@ def test_kernel_names_a_bad_layout(tile_expert, n_tiles, live_rows, message):
 def test_build_into_an_empty_cache_then_reuse(tmp_path, monkeypatch):
   """A first build compiles into the cache (nothing else left there); the next call finds it without compiling."""
   monkeypatch.setenv("DSV3_JAX_CACHE", str(tmp_path))
-  built = cpu_experts.build()
+  built = native.build()
   assert built.is_file() and built.is_relative_to(tmp_path)
   assert [p for p in tmp_path.rglob("*") if p.is_file()] == [built]
   stat = built.stat()
-  again = cpu_experts.build()
+  again = native.build()
   assert again == built and (again.stat().st_ino, again.stat().st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
 
 
 def test_build_failure_names_the_command_and_leaves_no_library(tmp_path, monkeypatch):
   monkeypatch.setenv("DSV3_JAX_CACHE", str(tmp_path))
   monkeypatch.setenv("CXX", "false")  # a "compiler" that exits 1
-  with pytest.raises(cpu_experts.Unavailable, match="compiling .*grouped_swiglu.cc failed"):
-    cpu_experts.build()
+  with pytest.raises(native.Unavailable, match="compiling .*csrc failed"):
+    native.build()
   assert not list(tmp_path.rglob("*.so"))
   monkeypatch.setenv("CXX", "no-such-compiler-here")
-  with pytest.raises(cpu_experts.Unavailable, match="'no-such-compiler-here' is not on PATH"):
-    cpu_experts.build()
+  with pytest.raises(native.Unavailable, match="'no-such-compiler-here' is not on PATH"):
+    native.build()
 
 
 def test_without_a_compiler_auto_falls_back_and_native_says_why(tmp_path):
@@ -169,9 +170,9 @@ def test_without_a_compiler_auto_falls_back_and_native_says_why(tmp_path):
   with the reason, and the model's gradients are computed."""
   script = """
 import jax, jax.numpy as jnp, numpy as np
-from dsv3_jax import config, cpu_experts, model, moe, ops
-assert not cpu_experts.available()
-print("reason:", cpu_experts.unavailable_reason())
+from dsv3_jax import config, model, moe, native, ops
+assert not native.available()
+print("reason:", native.unavailable_reason())
 layout = moe.tile_layout(jnp.arange(64, dtype=jnp.int32) % 8, 8)
 x = jax.random.normal(jax.random.key(0), (layout.tile_expert_G.shape[0], layout.rows, 16))
 ws = [jax.random.normal(jax.random.key(i), s) for i, s in enumerate([(8, 16, 8), (8, 16, 8), (8, 8, 16)])]
@@ -179,7 +180,7 @@ run = lambda impl: ops.grouped_swiglu(x, *ws, layout.tile_expert_G, layout.n_til
 np.testing.assert_array_equal(run("auto"), run("xla"))
 try:
   run("native")
-except cpu_experts.Unavailable as e:
+except native.Unavailable as e:
   print("native:", e)
 cfg = config.tiny()
 variables = model.init(cfg, jax.random.key(0))

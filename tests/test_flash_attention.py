@@ -126,14 +126,15 @@ def test_model_takes_the_blockwise_path_past_one_block_and_matches_the_whole_mat
 
 
 def test_a_layer_keeps_no_sequence_squared_residual_for_its_backward():
-  """Under the training path's CausalMask, nothing the layer saves for its backward grows with S^2."""
+  """Under the training path's CausalMask, nothing the layer saves for its backward grows with S^2 (XLA's path; the
+  native one is checked on the compiled program below)."""
   cfg = config.tiny(n_mtp_layers=0)
   seq = 4 * mla.CAUSAL_BLOCKS[1]
   x = jax.ShapeDtypeStruct((1, seq, cfg.dim), jnp.float32)
   positions = jax.ShapeDtypeStruct((1, seq), jnp.int32)
 
   def largest_residual(mask):
-    layer = block_lib.Block(cfg, moe=True)
+    layer = block_lib.Block(cfg, moe=True, attention_impl="xla")
     variables = jax.eval_shape(layer.init, jax.random.PRNGKey(0), x, None, positions, mask)
     fn = lambda v, x, p, m: jnp.sum(layer.apply(v, x, None, p, m)[0])
     saved = ad_checkpoint.saved_residuals(fn, variables, x, positions, mask)
@@ -143,3 +144,21 @@ def test_a_layer_keeps_no_sequence_squared_residual_for_its_backward():
   assert largest_residual(plain) >= cfg.n_heads * seq * seq  # the whole path keeps its [B, H, S, S] probabilities
   assert largest_residual(mla.CausalMask(plain)) < seq * seq
 
+
+@pytest.mark.parametrize("attention_impl", ["auto", "xla"])
+def test_training_memory_grows_linearly_with_length(attention_impl):
+  """The compiled gradient of a 6-layer model keeps no per-layer S^2 buffer: scratch(2S) - 2 scratch(S), its S^2
+  part, stays under what one more [1, S, S] bool mask would add (2 S^2 bytes); a copy of the mask per layer would
+  add six times that. With the native kernel the mask passes through `platform_dependent`'s branches and is a
+  residual of the layer in the jaxpr: this checks that XLA does not copy it."""
+  cfg = config.tiny(n_mtp_layers=0, n_layers=6)
+  variables = model_lib.init(cfg, jax.random.PRNGKey(0))
+  model = model_lib.Transformer(cfg, attention_impl=attention_impl, unroll=True)
+  loss = lambda v, tokens, segments: jnp.mean(model.apply(v, tokens, segment_ids_BS=segments).logits)
+
+  def scratch(seq):
+    ids = jnp.zeros((1, seq), jnp.int32)  # segment ids as data: the mask is computed, not a constant
+    return jax.jit(jax.grad(loss)).lower(variables, ids, ids).compile().memory_analysis().temp_size_in_bytes
+
+  seq = 1024
+  assert scratch(2 * seq) - 2 * scratch(seq) < 2 * seq * seq

@@ -171,6 +171,10 @@ def test_bad_config_values_name_the_key():
   config.train.impl = "blas"
   with pytest.raises(train.ConfigValueError, match="config.train.impl = 'blas': must be one of"):
     train.model_config(config, 257)
+  config = _config()
+  config.train.attention_impl = "flash"
+  with pytest.raises(train.ConfigValueError, match="config.train.attention_impl = 'flash': must be one of"):
+    train.model_config(config, 257)
 
 
 def test_batch_size_warmup_ramps_microbatches():

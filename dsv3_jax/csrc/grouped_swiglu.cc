@@ -2,94 +2,26 @@
 // CPU: one BLAS GEMM per expert run (all of an expert's consecutive tiles at once), the SwiGLU's elementwise work
 // between them, the weight gradients written straight into [E, ...] and transposed operands read in place; the
 // runs spread over XLA's intra-op thread pool. Semantics are those of `ops.grouped_swiglu` (see
-// dsv3_jax/cpu_experts.py, which builds and loads this).
+// dsv3_jax/cpu_experts.py; dsv3_jax/native.py builds and loads this).
 //
 // Shapes: x, y, dy, dx [G, M, D]; w1, w3 [E, D, F]; w2 [E, F, D]; tile_expert, live_rows [G] int32; n_tiles []
 // int32. Tiles g < n_tiles compute; the rest give zeros. Rows of a tile past its live_rows are padding (zero inputs
 // in the layout `moe.tile_layout` makes): they are not computed and give zeros. float32 only.
 
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "native.h"
 
 namespace {
 
-// cblas_sgemm with 64-bit (ILP64) or 32-bit (LP64) integers; which one is set is decided by the loader.
-using Sgemm64 = void (*)(int, int, int, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*,
-                         int64_t, float, float*, int64_t);
-using Sgemm32 = void (*)(int, int, int, int32_t, int32_t, int32_t, float, const float*, int32_t, const float*,
-                         int32_t, float, float*, int32_t);
-using SetThreadsLocal = int (*)(int);
-
-Sgemm64 sgemm64 = nullptr;
-Sgemm32 sgemm32 = nullptr;
-SetThreadsLocal set_threads_local = nullptr;
-
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-
-// C[m, n] = alpha * op(A) @ op(B) + beta * C, row-major; lda/ldb/ldc are the row strides of the stored matrices.
-void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-          int64_t ldb, float beta, float* c, int64_t ldc) {
-  const int ta = trans_a ? kTrans : kNoTrans, tb = trans_b ? kTrans : kNoTrans;
-  if (sgemm64 != nullptr) {
-    sgemm64(kRowMajor, ta, tb, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
-  } else {
-    sgemm32(kRowMajor, ta, tb, static_cast<int32_t>(m), static_cast<int32_t>(n), static_cast<int32_t>(k), 1.0f, a,
-            static_cast<int32_t>(lda), b, static_cast<int32_t>(ldb), beta, c, static_cast<int32_t>(ldc));
-  }
-}
-
-// Sets the calling thread's BLAS thread count for the lifetime of the object (when the library supports it).
-class BlasThreads {
- public:
-  explicit BlasThreads(int64_t n) {
-    if (set_threads_local != nullptr && n > 0) previous_ = set_threads_local(static_cast<int>(n));
-  }
-  ~BlasThreads() {
-    if (previous_ > 0) set_threads_local(previous_);
-  }
-
- private:
-  int previous_ = 0;
-};
-
-// Runs body(i) for every i in [0, n) on the calling thread and on up to `threads` - 1 tasks of XLA's intra-op pool,
-// each with one BLAS thread. The caller takes indices too, so the work completes even when no task ever starts; a
-// task that starts after every index is taken touches nothing but the shared counters.
-template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t threads, const Body& body) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  auto work = [state, n, &body] {
-    BlasThreads one(1);
-    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
-      body(i);
-      if (state->done.fetch_add(1) + 1 == n) {
-        std::lock_guard<std::mutex> lock(state->mu);
-        state->cv.notify_all();
-      }
-    }
-  };
-  for (int64_t t = 1; t < std::min(threads, n); ++t) pool.Schedule([work] { work(); });
-  work();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done.load() == n; });
-}
+using dsv3::Exp;
+using dsv3::Gemm;
+using dsv3::ParallelFor;
+using dsv3::Scratch;
+namespace ffi = xla::ffi;
 
 struct Run {  // consecutive tiles [first, last) of one expert, the first `rows` of their rows live
   int64_t first, last, expert, rows;
@@ -139,7 +71,7 @@ struct Dims {
 ffi::Error CheckDims(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w1, ffi::Buffer<ffi::F32> w3,
                      ffi::Buffer<ffi::F32> w2, ffi::Buffer<ffi::S32> tile_expert, ffi::Buffer<ffi::S32> live_rows,
                      Dims& d) {
-  if (sgemm64 == nullptr && sgemm32 == nullptr) {
+  if (!dsv3::HasBlas()) {
     return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "grouped_swiglu: no BLAS sgemm was set");
   }
   const auto xd = x.dimensions(), w1d = w1.dimensions(), w3d = w3.dimensions(), w2d = w2.dimensions();
@@ -153,29 +85,6 @@ ffi::Error CheckDims(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w1, ffi::Buf
                   static_cast<int64_t>(live_rows.element_count()) == d.groups;
   if (!ok) return ffi::Error::InvalidArgument("grouped_swiglu: weight, tile_expert or live_rows shapes do not match x");
   return ffi::Error::Success();
-}
-
-// exp(x) without a library call, so that the SwiGLU loops vectorize: x = n ln2 + r with |r| <= ln2 / 2, exp(r) from
-// its degree-6 minimax polynomial, 2^n put into the exponent bits. Measured within 7.9e-8 relative of exp over
-// [-87, 88]; arguments past the clamp [-87.3, 88.7] give the clamp's value (the sigmoid's is the same to float
-// precision). NaN stays NaN.
-inline float Exp(float x) {
-  x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two for an exact first product
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const uint32_t scale = static_cast<uint32_t>(n == n ? static_cast<int32_t>(n) : 0) << 23;  // n in [-126, 128]
-  uint32_t bits;
-  std::memcpy(&bits, &p, sizeof bits);
-  bits += scale;
-  std::memcpy(&p, &bits, sizeof p);
-  return p;
 }
 
 inline float Sigmoid(float a) { return 1.0f / (1.0f + Exp(-a)); }
@@ -194,12 +103,6 @@ void SwigluBackward(const float* __restrict a1, const float* __restrict a3, floa
     da3[j] = g * silu;
     dh[j] = silu * b;
   }
-}
-
-// Scratch reused across calls on the same thread (no allocation per step once warm).
-float* Scratch(std::vector<float>& buffer, int64_t size) {
-  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
-  return buffer.data();
 }
 
 // Zeros rows [from, to) of a row-major [*, width] array.
@@ -350,13 +253,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedSwigluBackward, Backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dw3
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dw2
                                   .Attr<int64_t>("threads"));
-
-// Called once by the loader with the BLAS entry points it found (ilp64: 64-bit integer arguments).
-extern "C" __attribute__((visibility("default"))) void dsv3_set_blas(void* sgemm, int ilp64, void* threads_local) {
-  if (ilp64) {
-    sgemm64 = reinterpret_cast<Sgemm64>(sgemm);
-  } else {
-    sgemm32 = reinterpret_cast<Sgemm32>(sgemm);
-  }
-  set_threads_local = reinterpret_cast<SetThreadsLocal>(threads_local);
-}

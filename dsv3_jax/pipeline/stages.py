@@ -98,6 +98,7 @@ class Prologue(nn.Module):
   cfg: config_lib.ModelConfig
   impl: str = "xla"
   remat: str = "none"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, tokens_BS, positions_BS, mask_BST):
@@ -105,7 +106,7 @@ class Prologue(nn.Module):
     x_BSD = layers.Embed(c, name="embed")(tokens_BS)
     if c.n_dense_layers:
       dense = block_lib.stack(c, moe=False, length=c.n_dense_layers, impl=self.impl, remat=self.remat,
-                              name="dense_layers")
+                              name="dense_layers", attention_impl=self.attention_impl)
       x_BSD, _ = dense(x_BSD, None, positions_BS, mask_BST)
     return x_BSD
 
@@ -117,10 +118,12 @@ class StageLayers(nn.Module):
   length: int
   impl: str = "xla"
   remat: str = "none"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x_BSD, positions_BS, mask_BST):
-    stack = block_lib.stack(self.cfg, moe=True, length=self.length, impl=self.impl, remat=self.remat, name=STACK)
+    stack = block_lib.stack(self.cfg, moe=True, length=self.length, impl=self.impl, remat=self.remat, name=STACK,
+                            attention_impl=self.attention_impl)
     x_BSD, (stats, _) = stack(x_BSD, None, positions_BS, mask_BST)
     return x_BSD, stats
 
@@ -130,6 +133,7 @@ class Epilogue(nn.Module):
 
   cfg: config_lib.ModelConfig
   impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, tokens_BS, h_BSD, positions_BS, mask_BST):
@@ -141,8 +145,8 @@ class Epilogue(nn.Module):
     mtp_logits, balance, loads = [], [], []
     for depth in range(1, c.n_mtp_layers + 1):
       emb_BSD = embed(mtp_lib.shifted_tokens(tokens_BS, depth))
-      h_BSD, stats, _ = mtp_lib.MTPModule(c, impl=self.impl, name=f"mtp_{depth - 1}")(emb_BSD, h_BSD, positions_BS,
-                                                                                      mask_BST)
+      h_BSD, stats, _ = mtp_lib.MTPModule(c, impl=self.impl, attention_impl=self.attention_impl,
+                                           name=f"mtp_{depth - 1}")(emb_BSD, h_BSD, positions_BS, mask_BST)
       mtp_logits.append(layers.head_logits(h_BSD, head))
       balance.append(stats["seq_balance"])
       loads.append(stats["expert_load"])
@@ -182,20 +186,20 @@ def _objective(logits, mtp_logits, batch, counts, config):
 
 def _chunk_fn(p_chunk, p_shared, r_chunk, consts, x_BSD, mb, first, last, *, cfg, config, length, n_shards, axes):
   """((stage output, objective share), aux) of one chunk on one micro-batch; see the module docstring."""
-  impl, remat = config.train.impl, config.train.remat
+  impl, remat, attention = config.train.impl, config.train.remat, config.train.attention_impl
   batch = jax.tree.map(lambda a: a[mb], consts["batch"])
   tokens_BS, positions_BS, mask_BST = _attention_inputs(batch, config)
   shared = {"params": p_shared, "routing": consts["routing"]}
+  prologue = Prologue(cfg, impl, remat, attention)
   x_BSD = jax.lax.cond(
-      first, lambda: executor.vary(Prologue(cfg, impl, remat).apply(shared, tokens_BS, positions_BS, mask_BST), axes),
-      lambda: x_BSD)
-  y_BSD, stats = StageLayers(cfg, length, impl, remat).apply({"params": {STACK: p_chunk}, "routing": {STACK: r_chunk}},
-                                                            x_BSD, positions_BS, mask_BST)
+      first, lambda: executor.vary(prologue.apply(shared, tokens_BS, positions_BS, mask_BST), axes), lambda: x_BSD)
+  y_BSD, stats = StageLayers(cfg, length, impl, remat, attention).apply(
+      {"params": {STACK: p_chunk}, "routing": {STACK: r_chunk}}, x_BSD, positions_BS, mask_BST)
   balance = jnp.sum(stats["seq_balance"]) / n_shards
 
   def tail():
-    logits, mtp_logits, mtp_balance, mtp_load = Epilogue(cfg, impl).apply(shared, tokens_BS, y_BSD, positions_BS,
-                                                                           mask_BST)
+    logits, mtp_logits, mtp_balance, mtp_load = Epilogue(cfg, impl, attention).apply(shared, tokens_BS, y_BSD,
+                                                                                      positions_BS, mask_BST)
     ce, mtp, tokens = _objective(logits, mtp_logits, batch, consts["counts"][mb], config)
     parts = {"ce": ce, "mtp": mtp, "balance": jnp.sum(mtp_balance) / n_shards, "tokens": tokens}
     return executor.vary((parts, mtp_load), axes)
