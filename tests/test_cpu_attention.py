@@ -137,3 +137,15 @@ def test_model_trains_through_the_kernel():
 
   for g, w in zip(jax.tree.leaves(grads("auto")), jax.tree.leaves(grads("xla")), strict=True):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-7)
+
+
+def test_a_gpu_lowering_of_the_model_has_no_native_call():
+  """`platform_dependent` keeps the native calls (attention and experts) out of a program lowered for CUDA from this
+  CPU host, and in a program lowered for the CPU."""
+  cfg = config.tiny(n_mtp_layers=0)
+  variables = model_lib.init(cfg, jax.random.key(0))
+  tokens = jnp.zeros((2, 300), jnp.int32)
+  grad = jax.jit(jax.grad(lambda v: jnp.mean(model_lib.Transformer(cfg).apply(v, tokens).logits)))
+  lowered = {p: grad.trace(variables).lower(lowering_platforms=(p,)).as_text() for p in ("cuda", "cpu")}
+  for target in (cpu_attention.FORWARD_TARGET, cpu_attention.BACKWARD_TARGET, "dsv3_grouped_swiglu"):
+    assert target not in lowered["cuda"] and target in lowered["cpu"]
