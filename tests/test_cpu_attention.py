@@ -1,15 +1,15 @@
 """The native CPU causal attention (dsv3_jax/cpu_attention.py): output and gradients against the float64 softmax,
 the choice MLA's attention_impl="auto" makes, each device on its own block under a mesh, and the kernel's checks.
 
-The reference and inputs are those of tests/test_flash_attention.py (the textbook formula in float64; random
-documents, so that the mask is causal and block-diagonal).
+The reference and inputs are tests/attention_reference.py's (the textbook formula in float64; random documents, so
+that the mask is causal and block-diagonal), as for tests/test_flash_attention.py.
 """
 
+import attention_reference
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import test_flash_attention
 from jax.sharding import PartitionSpec as P
 
 from dsv3_jax import config
@@ -31,9 +31,9 @@ def _got(q, k, v, mask, dout):
 @pytest.mark.parametrize("batch, seq", [(1, 1), (2, 45), (2, 64), (1, 256), (2, 300), (1, 700)])
 def test_output_and_gradients_match_the_whole_softmax(batch, seq):
   assert native.available(), native.unavailable_reason()
-  q, k, v, mask = test_flash_attention._inputs(batch, seq, seed=seq)
+  q, k, v, mask = attention_reference.inputs(batch, seq, seed=seq)
   dout = np.random.default_rng(1).normal(size=(*q.shape[:3], v.shape[-1]))
-  want = test_flash_attention._reference(q, k, v, mask, dout)
+  want = attention_reference.softmax(q, k, v, mask, dout)
   for name, g, w in zip(("out", "dq", "dk", "dv"), _got(q, k, v, mask, dout), want, strict=True):
     np.testing.assert_allclose(np.asarray(g), w, rtol=2e-5, atol=2e-5, err_msg=name)
 
@@ -41,13 +41,13 @@ def test_output_and_gradients_match_the_whole_softmax(batch, seq):
 def test_padding_queries_with_no_allowed_key_stay_finite():
   """Queries with no allowed key (padding) give finite values, and, with zero cotangents (a loss mask), add
   nothing to the gradients: those equal the reference over the other queries."""
-  q, k, v, mask = test_flash_attention._inputs(1, 200, seed=3, documents=1)
+  q, k, v, mask = attention_reference.inputs(1, 200, seed=3, documents=1)
   mask[:, :, :10] = False  # the first ten keys are padding: queries 0..9 have no allowed key
   dout = np.ones((*q.shape[:3], v.shape[-1]))
   dout[:, :10] = 0
   got = _got(q, k, v, mask, dout)
   assert all(np.isfinite(np.asarray(a)).all() for a in got)
-  out, dq, dk, dv = test_flash_attention._reference(q[:, 10:], k, v, mask[:, 10:], dout[:, 10:])
+  out, dq, dk, dv = attention_reference.softmax(q[:, 10:], k, v, mask[:, 10:], dout[:, 10:])
   for name, g, w in zip(("out", "dq", "dk", "dv"), (got[0][:, 10:], got[1][:, 10:], *got[2:]), (out, dq, dk, dv),
                         strict=True):
     np.testing.assert_allclose(np.asarray(g), w, rtol=2e-5, atol=2e-5, err_msg=name)
@@ -98,7 +98,7 @@ def test_bad_impls_and_dtypes_are_named():
 def test_each_device_runs_its_own_sequences_and_heads():
   """Under a mesh that splits the batch and the heads, the kernel runs per device (no all-gather of q, k or v
   around it) and gives the unsharded result."""
-  q, k, v, mask = test_flash_attention._inputs(4, 96, heads=4, seed=5)
+  q, k, v, mask = attention_reference.inputs(4, 96, heads=4, seed=5)
   args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)] + [jnp.asarray(mask)]
   qkv_axes = ("batch", "length", "heads", "head_dim")
   attend = lambda *a: sharding.per_shard(cpu_attention.causal_attention, a, (qkv_axes,) * 3 +

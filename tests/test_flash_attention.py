@@ -1,12 +1,13 @@
 """Blockwise causal attention (`flash_attention`) against the whole-matrix softmax, and the model path that uses it.
 
-The reference is the textbook formula in numpy float64: masked scores, softmax over each row, times v; its
-gradients come from the float64 closed form of the softmax Jacobian. Rows with no allowed key are excluded
-(see the module docstring: their outputs are meaningless on every path).
+The reference (tests/attention_reference.py) is the textbook formula in numpy float64: masked scores, softmax over
+each row, times v; its gradients come from the float64 closed form of the softmax Jacobian. Rows with no allowed
+key are excluded (see the module docstring: their outputs are meaningless on every path).
 """
 
 import math
 
+import attention_reference
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,54 +22,30 @@ from dsv3_jax import mla
 from dsv3_jax import model as model_lib
 
 
-def _inputs(batch, seq, heads=3, k=12, v=8, seed=0, documents=3):
-  rng = np.random.default_rng(seed)
-  q = rng.normal(size=(batch, seq, heads, k)) * 0.5
-  kk = rng.normal(size=(batch, seq, heads, k))
-  vv = rng.normal(size=(batch, seq, heads, v))
-  pos = np.arange(seq)
-  segments = np.sort(rng.integers(0, documents, (batch, seq)), axis=1)
-  mask = (pos[None, None, :] <= pos[None, :, None]) & (segments[:, None, :] == segments[:, :, None])
-  return q, kk, vv, mask
-
-
-def _reference(q, k, v, mask, dout):
-  """(out, dq, dk, dv) in float64."""
-  s = np.einsum("bshk,bthk->bhst", q, k)
-  s = np.where(mask[:, None], s, -np.inf)
-  p = np.exp(s - s.max(-1, keepdims=True))
-  p /= p.sum(-1, keepdims=True)
-  out = np.einsum("bhst,bthv->bshv", p, v)
-  dp = np.einsum("bshv,bthv->bhst", dout, v)
-  ds = p * (dp - np.sum(dp * p, -1, keepdims=True))
-  return (out, np.einsum("bhst,bthk->bshk", ds, k), np.einsum("bhst,bshk->bthk", ds, q),
-          np.einsum("bhst,bshv->bthv", p, dout))
-
-
 @pytest.mark.parametrize("seq, block", [(256, 64), (300, 128), (96, 128)])
 def test_output_and_gradients_match_the_whole_softmax(seq, block):
-  q, k, v, mask = _inputs(2, seq)
+  q, k, v, mask = attention_reference.inputs(2, seq)
   dout = np.random.default_rng(1).normal(size=(*q.shape[:3], v.shape[-1]))
   f = lambda q, k, v: flash_attention.causal_attention(q, k, v, jnp.asarray(mask), block)
   args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
   out, vjp = jax.vjp(f, *args)
   got = (out, *vjp(jnp.asarray(dout, jnp.float32)))
-  want = _reference(q, k, v, mask, dout)
+  want = attention_reference.softmax(q, k, v, mask, dout)
   for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
     np.testing.assert_allclose(np.asarray(g), w, rtol=2e-5, atol=2e-5, err_msg=name)
 
 
 def test_bfloat16_inputs_keep_their_dtype_and_fp32_softmax():
-  q, k, v, mask = _inputs(1, 384, seed=2)
+  q, k, v, mask = attention_reference.inputs(1, 384, seed=2)
   args = [jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)]
   out = flash_attention.causal_attention(*args, jnp.asarray(mask), 128)
   assert out.dtype == jnp.bfloat16
-  want = _reference(*(np.asarray(a, np.float64) for a in args), mask, np.zeros((1, 384, 3, 8)))[0]
+  want = attention_reference.softmax(*(np.asarray(a, np.float64) for a in args), mask, np.zeros((1, 384, 3, 8)))[0]
   np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=2e-2)  # bf16 rounding of p and out
 
 
 def test_padding_queries_with_no_allowed_key_stay_finite():
-  q, k, v, mask = _inputs(1, 200, seed=3, documents=1)
+  q, k, v, mask = attention_reference.inputs(1, 200, seed=3, documents=1)
   mask[:, :, :10] = False  # the first ten keys are padding: queries 0..9 have no allowed key
   out, vjp = jax.vjp(lambda q, k, v: flash_attention.causal_attention(q, k, v, jnp.asarray(mask), 64),
                      *(jnp.asarray(a, jnp.float32) for a in (q, k, v)))
@@ -77,12 +54,12 @@ def test_padding_queries_with_no_allowed_key_stay_finite():
   grads = vjp(jnp.asarray(dout))
   assert all(np.isfinite(np.asarray(a)).all() for a in (out, *grads))
   with np.errstate(invalid="ignore"):  # the reference's rows 0..9 are 0/0
-    want = _reference(q, k, v, mask, np.asarray(dout, np.float64))[0]
+    want = attention_reference.softmax(q, k, v, mask, np.asarray(dout, np.float64))[0]
   np.testing.assert_allclose(np.asarray(out)[:, 10:], want[:, 10:], rtol=2e-5, atol=2e-5)
 
 
 def test_runs_inside_shard_map_over_the_batch():
-  q, k, v, mask = _inputs(8, 160, seed=4)
+  q, k, v, mask = attention_reference.inputs(8, 160, seed=4)
   mesh = jax.make_mesh((8,), ("data",))
   f = lambda q, k, v, m: flash_attention.causal_attention(q, k, v, m, 64)
   loss = lambda f: (lambda q, k, v, m: jnp.sum(jnp.sin(f(q, k, v, m))))
