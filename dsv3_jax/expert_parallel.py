@@ -37,7 +37,6 @@ import math
 from collections.abc import Callable
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
@@ -151,15 +150,7 @@ def dispatch(x_WD: jax.Array, routing: moe.Routing, w1_EDF: jax.Array, w3_EDF: j
   return fn(x_WD, routing.weights_WK, jax.lax.stop_gradient(routing.experts_WK), w1_EDF, w3_EDF, w2_EFD)
 
 
-def _rules():
-  return tuple(nn.get_logical_axis_rules()) or sharding.LOGICAL_RULES
-
-
-def _axes(logical: tuple[str, ...], mesh) -> tuple[Axes, ...]:
-  """Mesh axes of each logical dim under the rules in context, keeping those this mesh has."""
-  spec = nn.logical_to_mesh_axes(logical, _rules())
-  entries = [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in spec]
-  return tuple(tuple(a for a in e if a in mesh.axis_names) for e in entries)
+_axes = sharding.mesh_axes
 
 
 def _manual(mesh, axes: Axes) -> bool:

@@ -19,6 +19,7 @@ from dsv3_jax import config as config_lib
 from dsv3_jax import cpu_attention
 from dsv3_jax import flash_attention
 from dsv3_jax import layers
+from dsv3_jax import native as native_lib
 from dsv3_jax import rope
 from dsv3_jax import sharding
 
@@ -118,9 +119,8 @@ class MLA(nn.Module):
     impl = self.attention_impl
     if not causal or impl == "xla" or (impl == "auto" and not cpu_attention.supports(*operands[:3])):
       return self._xla_attend(*operands, causal)
-    if impl == "native" and not all(a.dtype == jnp.float32 for a in operands[:3]):
-      raise ValueError("attention_impl 'native' is float32 only; got "
-                       f"{', '.join(str(a.dtype) for a in operands[:3])} for q, k, v (use 'auto' or 'xla')")
+    if impl == "native":
+      native_lib.check_float32("attention_impl", q=q_BSHK, k=k_BTHK, v=v_BTHV)
     qkv_axes = ("batch", "length", "heads", "head_dim")
     native = lambda *a: sharding.per_shard(cpu_attention.causal_attention, a, (qkv_axes,) * 3 +
                                            (("batch", "length", None),), qkv_axes)

@@ -163,6 +163,13 @@ def require() -> None:
     raise Unavailable(reason)
 
 
+def check_float32(what: str, **operands: jax.Array) -> None:
+  """Raises ValueError naming `what` and the operands' dtypes unless all are float32 (an impl "native" asked for)."""
+  if not all(jnp.dtype(a.dtype) == jnp.float32 for a in operands.values()):
+    raise ValueError(f"{what} 'native' is float32 only; got {', '.join(str(a.dtype) for a in operands.values())} "
+                     f"for {', '.join(operands)} (use 'auto' or 'xla')")
+
+
 def supports(what: str, *operands: jax.Array) -> bool:
   """Whether these operands can take a native kernel: float32, and the kernels available here (else it logs once
   why not, naming `what` falls back to XLA)."""

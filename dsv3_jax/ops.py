@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from dsv3_jax import cpu_experts
 from dsv3_jax import fp8  # fp8 imports ops back; each only calls the other at run time
+from dsv3_jax import native
 from pallas_kernels import fp8_gemm as fp8_kernels
 
 GROUPED_MATMUL_IMPLS = ("xla", "ragged_dot")
@@ -140,9 +141,7 @@ def grouped_swiglu(x_GMD: jax.Array, w1_EDF: jax.Array, w3_EDF: jax.Array, w2_EF
   if impl == "xla" or (impl == "auto" and not cpu_experts.supports(*args[:4])):
     return scan(*args)
   if impl == "native":
-    if not all(a.dtype == jnp.float32 for a in args[:4]):
-      raise ValueError("grouped_swiglu impl 'native' is float32 only; got "
-                       f"{', '.join(str(a.dtype) for a in args[:4])} for x, w1, w3, w2 (use 'auto' or 'xla')")
+    native.check_float32("grouped_swiglu impl", **dict(zip(("x", "w1", "w3", "w2"), args[:4], strict=True)))
     return cpu_experts.grouped_swiglu(*args)
   return jax.lax.platform_dependent(*args, cpu=cpu_experts.grouped_swiglu, default=scan)
 

@@ -82,6 +82,15 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
   return nn.with_logical_constraint(x, logical_axes)
 
 
+def mesh_axes(logical: Sequence[str | None], mesh) -> tuple[tuple[str, ...], ...]:
+  """The mesh axes each logical dim maps to under the rules in context (`LOGICAL_RULES` outside one), keeping those
+  this mesh has."""
+  rules = tuple(nn.get_logical_axis_rules()) or LOGICAL_RULES
+  entries = [() if e is None else (e,) if isinstance(e, str) else tuple(e)
+             for e in nn.logical_to_mesh_axes(tuple(logical), rules)]
+  return tuple(tuple(a for a in e if a in mesh.axis_names) for e in entries)
+
+
 def per_shard(fn: Callable[..., jax.Array], operands: Sequence[jax.Array],
               in_axes: Sequence[tuple[str | None, ...]], out_axes: tuple[str | None, ...]) -> jax.Array:
   """fn run by each device on its own block of the operands: a `shard_map` over the context mesh's axes that their
@@ -94,13 +103,7 @@ def per_shard(fn: Callable[..., jax.Array], operands: Sequence[jax.Array],
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return fn(*operands)
-  rules = tuple(nn.get_logical_axis_rules()) or LOGICAL_RULES
-
-  def spec(logical):
-    entries = nn.logical_to_mesh_axes(logical, rules)
-    entries = [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in entries]
-    return tuple(tuple(a for a in e if a in mesh.axis_names and mesh.shape[a] > 1) for e in entries)
-
+  spec = lambda logical: tuple(tuple(a for a in e if mesh.shape[a] > 1) for e in mesh_axes(logical, mesh))
   in_specs = [spec(axes) for axes in in_axes]
   used = {a for s in in_specs for e in s for a in e}
   divides = all(x.shape[i] % math.prod(mesh.shape[a] for a in e) == 0 for x, s in zip(operands, in_specs, strict=True)
