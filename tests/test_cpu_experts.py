@@ -21,25 +21,25 @@ DIM, HIDDEN = 24, 40
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _weights(n_experts: int, seed: int, dtype=jnp.float32):
+def _weights(n_experts: int, seed: int, dtype=jnp.float32, dim: int = DIM, hidden: int = HIDDEN):
   k1, k3, k2 = jax.random.split(jax.random.key(seed), 3)
   return (
-      (jax.random.normal(k1, (n_experts, DIM, HIDDEN)) / math.sqrt(DIM)).astype(dtype),
-      (jax.random.normal(k3, (n_experts, DIM, HIDDEN)) / math.sqrt(DIM)).astype(dtype),
-      (jax.random.normal(k2, (n_experts, HIDDEN, DIM)) / math.sqrt(HIDDEN)).astype(dtype),
+      (jax.random.normal(k1, (n_experts, dim, hidden)) / math.sqrt(dim)).astype(dtype),
+      (jax.random.normal(k3, (n_experts, dim, hidden)) / math.sqrt(dim)).astype(dtype),
+      (jax.random.normal(k2, (n_experts, hidden, dim)) / math.sqrt(hidden)).astype(dtype),
   )
 
 
-def _tiles(experts_N: np.ndarray, n_experts: int, seed: int = 0, rows: int | None = None):
+def _tiles(experts_N: np.ndarray, n_experts: int, seed: int = 0, rows: int | None = None, dim: int = DIM):
   """(layout, live rows per tile, x [G, M, D] with zero padding rows, cotangent [G, M, D]) for these slots."""
   layout = moe.tile_layout(jnp.asarray(experts_N, jnp.int32), n_experts, rows)
   n_slots = experts_N.shape[0]
   live_R = np.asarray(layout.slot_of_row_R) < n_slots
   n_groups = layout.tile_expert_G.shape[0]
   live_rows_G = jnp.asarray(live_R.reshape(n_groups, layout.rows).sum(1), jnp.int32)
-  x_RD = np.where(live_R[:, None], np.random.default_rng(seed).standard_normal((live_R.size, DIM)), 0)
-  dy_RD = np.random.default_rng(seed + 1).standard_normal((live_R.size, DIM))
-  shape = (n_groups, layout.rows, DIM)
+  x_RD = np.where(live_R[:, None], np.random.default_rng(seed).standard_normal((live_R.size, dim)), 0)
+  dy_RD = np.random.default_rng(seed + 1).standard_normal((live_R.size, dim))
+  shape = (n_groups, layout.rows, dim)
   return layout, live_rows_G, jnp.asarray(x_RD.reshape(shape), jnp.float32), jnp.asarray(dy_RD.reshape(shape),
                                                                                          jnp.float32)
 
@@ -54,17 +54,20 @@ def _value_and_grads(impl, layout, live_rows_G, x_GMD, dy_GMD, ws):
   return jax.jit(run)(x_GMD, *ws)
 
 
-# (slots, experts, tile rows or None for ops.tile_rows): several tiles per expert, many experts with a few rows each
-# (and some with none), one expert, tiles of 8 rows with mostly partial last tiles.
-CASES = [(256, 8, None), (90, 64, None), (50, 1, None), (200, 16, 8)]
+# (slots, experts, tile rows or None for ops.tile_rows, dim, hidden): several tiles per expert, many experts with a
+# few rows each (and some with none), one expert, tiles of 8 rows with mostly partial last tiles; then products past
+# the small-GEMM limit that dsv3::Gemm splits (about 150 and 600 rows per expert: column blocks with a short last
+# one, then row blocks too) at dims that are not multiples of 8 (the weight transposes' scalar edges).
+CASES = [(256, 8, None, DIM, HIDDEN), (90, 64, None, DIM, HIDDEN), (50, 1, None, DIM, HIDDEN),
+         (200, 16, 8, DIM, HIDDEN), (300, 2, None, 203, 130), (1200, 2, None, 203, 21)]
 
 
-@pytest.mark.parametrize("n_slots,n_experts,rows", CASES)
-def test_native_matches_the_tile_loop(n_slots, n_experts, rows):
+@pytest.mark.parametrize("n_slots,n_experts,rows,dim,hidden", CASES)
+def test_native_matches_the_tile_loop(n_slots, n_experts, rows, dim, hidden):
   """Outputs and all four gradients equal the XLA tile loop's to fp32 summation order."""
   experts_N = np.random.default_rng(n_slots).integers(0, n_experts, n_slots)
-  layout, live_rows_G, x_GMD, dy_GMD = _tiles(experts_N, n_experts, seed=n_experts, rows=rows)
-  ws = _weights(n_experts, seed=n_slots)
+  layout, live_rows_G, x_GMD, dy_GMD = _tiles(experts_N, n_experts, seed=n_experts, rows=rows, dim=dim)
+  ws = _weights(n_experts, seed=n_slots, dim=dim, hidden=hidden)
   y, grads = _value_and_grads("native", layout, live_rows_G, x_GMD, dy_GMD, ws)
   want_y, want_grads = _value_and_grads("xla", layout, live_rows_G, x_GMD, dy_GMD, ws)
   for name, got, want in zip(("y", "x", "w1", "w3", "w2"), (y, *grads), (want_y, *want_grads), strict=True):

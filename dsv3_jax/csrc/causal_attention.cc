@@ -63,10 +63,7 @@ ffi::Error CheckDims(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buff
 // read it transposed read it in order (OpenBLAS runs its small-matrix kernel only for untransposed operands: 1.5x
 // on the score GEMM at K = 48).
 void TransposeHead(const float* x, int64_t width, const Dims& d, int64_t b, int64_t h, float* out) {
-  for (int64_t s = 0; s < d.seq; ++s) {
-    const float* row = x + ((b * d.seq + s) * d.heads + h) * width;
-    for (int64_t j = 0; j < width; ++j) out[j * d.seq + s] = row[j];
-  }
+  dsv3::Transpose(x + (b * d.seq * d.heads + h) * width, d.seq, width, d.heads * width, out);
 }
 
 // scores[r, c] = q[b, s0 + r, h] . k[b, t0 + c, h] where the mask allows it, else kMasked; [nq, nt] row-major.

@@ -21,6 +21,7 @@ using dsv3::Exp;
 using dsv3::Gemm;
 using dsv3::ParallelFor;
 using dsv3::Scratch;
+using dsv3::Transpose;
 namespace ffi = xla::ffi;
 
 struct Run {  // consecutive tiles [first, last) of one expert, the first `rows` of their rows live
@@ -193,21 +194,25 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     for (float* dw : {dw1_data, dw3_data, dw2_data}) std::memset(dw + e * wsize, 0, sizeof(float) * wsize);
   }
   ParallelFor(pool, static_cast<int64_t>(runs.size()), threads, [&](int64_t i) {
-    thread_local std::vector<float> dh_buffer, da1_buffer, da3_buffer;
+    thread_local std::vector<float> dh_buffer, da1_buffer, da3_buffer, wt_buffer;
     const Run& r = runs[i];
     const int64_t row0 = r.first * d.rows, m = r.rows, mf = m * d.hidden;
     const float *xr = x.typed_data() + row0 * d.dim, *dyr = dy.typed_data() + row0 * d.dim;
     const float *a1 = a1_saved.typed_data() + row0 * d.hidden, *a3 = a3_saved.typed_data() + row0 * d.hidden;
-    const float *w1e = w1.typed_data() + r.expert * wsize, *w3e = w3.typed_data() + r.expert * wsize,
-                *w2e = w2.typed_data() + r.expert * wsize;
     float* dh = Scratch(dh_buffer, mf);
     float* da1 = Scratch(da1_buffer, mf);
     float* da3 = Scratch(da3_buffer, mf);
-    Gemm(false, true, m, d.hidden, d.dim, dyr, d.dim, w2e, d.dim, 0.0f, dh, d.hidden);  // dy @ w2^T
+    // The products with transposed weights run untransposed on a transposed copy (see dsv3::Gemm): w2^T [D, F],
+    // then w1^T and w3^T [F, D] side by side.
+    float* wt = Scratch(wt_buffer, 2 * wsize);
+    Transpose(w2.typed_data() + r.expert * wsize, d.hidden, d.dim, d.dim, wt);
+    Gemm(false, false, m, d.hidden, d.dim, dyr, d.dim, wt, d.hidden, 0.0f, dh, d.hidden);  // dy @ w2^T
     SwigluBackward(a1, a3, dh, da1, da3, mf);  // dh becomes h
+    Transpose(w1.typed_data() + r.expert * wsize, d.dim, d.hidden, d.hidden, wt);
+    Transpose(w3.typed_data() + r.expert * wsize, d.dim, d.hidden, d.hidden, wt + wsize);
     float* dxr = dx_data + row0 * d.dim;
-    Gemm(false, true, m, d.dim, d.hidden, da1, d.hidden, w1e, d.hidden, 0.0f, dxr, d.dim);  // da1 @ w1^T
-    Gemm(false, true, m, d.dim, d.hidden, da3, d.hidden, w3e, d.hidden, 1.0f, dxr, d.dim);  // + da3 @ w3^T
+    Gemm(false, false, m, d.dim, d.hidden, da1, d.hidden, wt, d.dim, 0.0f, dxr, d.dim);          // da1 @ w1^T
+    Gemm(false, false, m, d.dim, d.hidden, da3, d.hidden, wt + wsize, d.dim, 1.0f, dxr, d.dim);  // + da3 @ w3^T
     Gemm(true, false, d.dim, d.hidden, m, xr, d.dim, da1, d.hidden, 0.0f, dw1_data + r.expert * wsize, d.hidden);
     Gemm(true, false, d.dim, d.hidden, m, xr, d.dim, da3, d.hidden, 0.0f, dw3_data + r.expert * wsize, d.hidden);
     Gemm(true, false, d.hidden, d.dim, m, dh, d.hidden, dyr, d.dim, 0.0f, dw2_data + r.expert * wsize, d.dim);
