@@ -90,6 +90,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Causal attention (dsv3_jax/mla.py): auto (the native CPU kernel in fp32, dsv3_jax/cpu_attention.py, else xla) |
   # xla | native.
   c.train.attention_impl = "auto"
+  # The AdamW update (dsv3_jax/optimizer.py): auto (one native pass per parameter on CPU in fp32, csrc/adamw.cc,
+  # else xla) | xla | native.
+  c.train.optimizer_impl = "auto"
   c.train.log_every = 10  # steps between console/metrics lines
   c.train.eval_every = 100  # steps between held-out evaluations; 0 for the end only
   c.train.eval_batches = 4  # held-out micro-batches per evaluation

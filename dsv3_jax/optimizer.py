@@ -1,16 +1,29 @@
 """AdamW with the paper's settings (§4.2), its learning-rate shape, and the weight-decay mask.
 
-The optimizer sees only the 'params' collection: the routing biases are updated by `balance.py`.
+The optimizer sees only the 'params' collection: the routing biases are updated by `balance.py`. `make` builds the
+optax chain (its state is what checkpoints hold); `update` applies one step of it, either as optax runs it
+(impl "xla": XLA makes four passes over each parameter) or as one native pass per parameter on the CPU that reads
+p, g, m, v once and writes p, m, v in place (impl "native", `csrc/adamw.cc`): the same arithmetic in the same
+order, so the moments are equal bit for bit and the parameters to the last bit or so (XLA may fuse a multiply and
+an add where the kernel rounds twice, or the reverse). "auto" takes the native pass when lowering for the CPU with
+float32 parameters and moments, and XLA otherwise.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.sharding import PartitionSpec as P
+
+from dsv3_jax import native
+
+IMPLS = ("auto", "xla", "native")
+ADAMW_TARGET = "dsv3_adamw_update"
 
 
 def learning_rate(opt: ml_collections.ConfigDict) -> optax.Schedule:
@@ -34,7 +47,7 @@ def decay_mask(params: dict) -> dict:
   return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key != "weight", params)
 
 
-class _AdamState(NamedTuple):
+class AdamState(NamedTuple):
   count: jax.Array
   mu: optax.Updates
   nu: optax.Updates
@@ -45,7 +58,7 @@ def scale_by_adam(b1: float, b2: float, eps: float, moment_dtype) -> optax.Gradi
 
   def init(params):
     zeros = lambda p: jnp.zeros(p.shape, moment_dtype)
-    return _AdamState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params))
+    return AdamState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params))
 
   def update(grads, state, params=None):
     del params
@@ -55,7 +68,7 @@ def scale_by_adam(b1: float, b2: float, eps: float, moment_dtype) -> optax.Gradi
     c1, c2 = 1 - b1 ** count, 1 - b2 ** count
     updates = jax.tree.map(lambda m, v: (m / c1) / (jnp.sqrt(v / c2) + eps), mu, nu)
     cast = lambda t: jax.tree.map(lambda a: a.astype(moment_dtype), t)
-    return updates, _AdamState(count, cast(mu), cast(nu))
+    return updates, AdamState(count, cast(mu), cast(nu))
 
   return optax.GradientTransformation(init, update)
 
@@ -69,3 +82,78 @@ def make(opt: ml_collections.ConfigDict) -> optax.GradientTransformation:
       optax.add_decayed_weights(opt.weight_decay, mask=decay_mask),
       optax.scale_by_learning_rate(learning_rate(opt)),
   )
+
+
+def update(tx: optax.GradientTransformation, opt: ml_collections.ConfigDict, grads, opt_state, params, *,
+           impl: str = "xla", specs=None, grad_norm: jax.Array | None = None):
+  """(new params, new optimizer state) after one step of `tx` (built by `make(opt)`) on these gradients.
+
+  impl: one of IMPLS (module docstring). specs: the PartitionSpecs of the moments (a tree like params) under the
+  context mesh, so that each device updates its own block of every parameter in the native pass (None: no mesh).
+  grad_norm: the gradients' global norm when the caller has it (the clip computes it otherwise).
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"optimizer impl {impl!r} is not one of {IMPLS}")
+  xla = lambda: _xla_update(tx, grads, opt_state, params)
+  if impl == "xla":
+    return xla()
+  if not _is_chain_state(opt_state):
+    if impl == "native":
+      raise ValueError("optimizer.update impl 'native' needs the state of optimizer.make's chain (clip, Adam, decay, "
+                       f"learning rate); got {type(opt_state).__name__}")
+    return xla()
+  leaves = jax.tree.leaves((params, opt_state[1].mu, opt_state[1].nu))
+  if impl == "native":
+    native.check_float32("optimizer impl", **{f"leaf {i}": a for i, a in enumerate(leaves)})
+    native.require()
+  elif not native.supports("the AdamW update", *leaves):
+    return xla()
+  if grad_norm is None:
+    grad_norm = optax.tree.norm(grads)
+  fused = lambda: _native_update(opt, grads, opt_state, params, grad_norm, specs)
+  if impl == "native":
+    return fused()
+  return jax.lax.platform_dependent(cpu=fused, default=xla)
+
+
+def _xla_update(tx, grads, opt_state, params):
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def _native_update(opt, grads, opt_state, params, grad_norm, specs):
+  clip_state, adam, decay_state, lr_state = opt_state
+  count = adam.count + 1
+  clips = ~(grad_norm < opt.grad_clip)  # optax: g where norm < max_norm, else g / norm * max_norm
+  one = jnp.ones([], jnp.float32)
+  hyper = jnp.stack([jnp.where(clips, grad_norm.astype(jnp.float32), one),
+                     jnp.where(clips, jnp.float32(opt.grad_clip), one),
+                     1 - opt.b1 ** count, 1 - opt.b2 ** count,
+                     jnp.asarray(-1 * learning_rate(opt)(lr_state.count), jnp.float32)]).astype(jnp.float32)
+  attrs = dict(b1=opt.b1, one_minus_b1=1 - opt.b1, b2=opt.b2, one_minus_b2=1 - opt.b2, eps=opt.eps)
+  decays = decay_mask(params)
+  mesh = jax.sharding.get_abstract_mesh()
+
+  def leaf(p, g, m, v, decayed, spec):
+    kw = dict(attrs, decay=opt.weight_decay if decayed else 0.0)
+    call = lambda p, g, m, v, h: tuple(native.call(ADAMW_TARGET, [p.shape] * 3, p, g, m, v, h,
+                                                   aliases={0: 0, 2: 1, 3: 2}, **kw))
+    splits = [math.prod(mesh.shape[a] for a in (e if isinstance(e, tuple) else (e,))) if e else 1
+              for e in spec or ()] if not mesh.empty else []
+    if not any(n > 1 for n in splits) or any(d % n for d, n in zip(p.shape, splits, strict=False)):
+      return call(p, g, m, v, hyper)  # replicated, or split unevenly (XLA gathers around the call)
+    return jax.shard_map(call, mesh=mesh, in_specs=(spec,) * 4 + (P(),), out_specs=(spec,) * 3)(p, g, m, v, hyper)
+
+  if specs is None:
+    specs = jax.tree.map(lambda _: None, params)
+  out = jax.tree.map(leaf, params, grads, adam.mu, adam.nu, decays, specs,
+                     is_leaf=lambda x: x is None or isinstance(x, P))
+  pick = lambda i: jax.tree.map(lambda _, o: o[i], params, out, is_leaf=lambda x: isinstance(x, tuple))
+  new_adam = AdamState(count, pick(1), pick(2))
+  return pick(0), (clip_state, new_adam, decay_state, lr_state._replace(count=optax.safe_increment(lr_state.count)))
+
+
+def _is_chain_state(opt_state) -> bool:
+  """Whether this is the state of `make`'s chain: (clip, Adam, masked decay, learning-rate schedule)."""
+  return (isinstance(opt_state, tuple) and len(opt_state) == 4 and isinstance(opt_state[1], AdamState)
+          and isinstance(opt_state[3], optax.ScaleByScheduleState))

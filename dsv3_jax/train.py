@@ -75,6 +75,9 @@ def model_config(config: ml_collections.ConfigDict, vocab_needed: int) -> config
   if config.train.attention_impl not in mla.ATTENTION_IMPLS:
     raise ConfigValueError(f"config.train.attention_impl = {config.train.attention_impl!r}: must be one of "
                            f"{mla.ATTENTION_IMPLS}")
+  if config.train.get("optimizer_impl", "auto") not in optimizer_lib.IMPLS:
+    raise ConfigValueError(f"config.train.optimizer_impl = {config.train.optimizer_impl!r}: must be one of "
+                           f"{optimizer_lib.IMPLS}")
   try:
     cfg = config_lib.ModelConfig(**config.model.to_dict(), precision=config.precision.recipe,
                                  fp8_impl=config.precision.impl)
@@ -186,16 +189,19 @@ def gradients(state: TrainState, batch: dict, hparams: dict, *, cfg, config) -> 
   return grads, parts, load_LE
 
 
-def train_step(state: TrainState, batch: dict, hparams: dict, *, cfg, config, tx) -> tuple[TrainState, dict]:
-  """One optimizer step over batch leaves of shape [micro-batches, B, S]."""
+def train_step(state: TrainState, batch: dict, hparams: dict, *, cfg, config, tx,
+               moment_specs=None) -> tuple[TrainState, dict]:
+  """One optimizer step over batch leaves of shape [micro-batches, B, S]. moment_specs: the PartitionSpecs of the
+  Adam moments (`optimizer.update`)."""
   grads, parts, load_LE = gradients(state, batch, hparams, cfg=cfg, config=config)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(parts["loss"]) & jnp.isfinite(grad_norm)
 
   def update(_):
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return (optax.apply_updates(state.params, updates), opt_state,
-            balance.update_bias(state.routing, load_LE, hparams["gamma"], cfg))
+    params, opt_state = optimizer_lib.update(tx, config.optimizer, grads, state.opt_state, state.params,
+                                             impl=config.train.get("optimizer_impl", "auto"), specs=moment_specs,
+                                             grad_norm=grad_norm)
+    return params, opt_state, balance.update_bias(state.routing, load_LE, hparams["gamma"], cfg)
 
   # A branch, not a select over the updated and old trees: a normal step writes the new state once instead of
   # also passing over every parameter and both moments to pick between them.
@@ -267,7 +273,9 @@ def compile_steps(cfg, config, tx, mesh, shardings: TrainState):
   """(train_step, eval_step) jitted with explicit shardings; call them inside `sharding.use_mesh(mesh)`."""
   kw = dict(cfg=cfg, config=config)
   replicated = NamedSharding(mesh, P())
-  train = jax.jit(functools.partial(train_step, **kw, tx=tx), donate_argnums=(0,),
+  adam = [s for s in shardings.opt_state if isinstance(s, optimizer_lib.AdamState)]
+  moment_specs = jax.tree.map(lambda s: s.spec, adam[0].mu) if adam else None
+  train = jax.jit(functools.partial(train_step, **kw, tx=tx, moment_specs=moment_specs), donate_argnums=(0,),
                   in_shardings=(shardings, sharding.batch_sharding(mesh, 3, leading=1), replicated),
                   out_shardings=(shardings, replicated))
   evaluate = jax.jit(functools.partial(eval_step, **kw),

@@ -175,6 +175,10 @@ def test_bad_config_values_name_the_key():
   config.train.attention_impl = "flash"
   with pytest.raises(train.ConfigValueError, match="config.train.attention_impl = 'flash': must be one of"):
     train.model_config(config, 257)
+  config = _config()
+  config.train.optimizer_impl = "fused"
+  with pytest.raises(train.ConfigValueError, match="config.train.optimizer_impl = 'fused': must be one of"):
+    train.model_config(config, 257)
 
 
 def test_batch_size_warmup_ramps_microbatches():
