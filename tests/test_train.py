@@ -167,18 +167,11 @@ def test_bad_config_values_name_the_key():
   config.model.vocab_size = 100
   with pytest.raises(train.ConfigValueError, match="config.model.vocab_size = 100"):
     train.model_config(config, 257)
-  config = _config()
-  config.train.impl = "blas"
-  with pytest.raises(train.ConfigValueError, match="config.train.impl = 'blas': must be one of"):
-    train.model_config(config, 257)
-  config = _config()
-  config.train.attention_impl = "flash"
-  with pytest.raises(train.ConfigValueError, match="config.train.attention_impl = 'flash': must be one of"):
-    train.model_config(config, 257)
-  config = _config()
-  config.train.optimizer_impl = "fused"
-  with pytest.raises(train.ConfigValueError, match="config.train.optimizer_impl = 'fused': must be one of"):
-    train.model_config(config, 257)
+  for key, bad in (("impl", "blas"), ("attention_impl", "flash"), ("optimizer_impl", "fused")):
+    config = _config()
+    config.train[key] = bad
+    with pytest.raises(train.ConfigValueError, match=f"config.train.{key} = '{bad}': must be one of"):
+      train.model_config(config, 257)
 
 
 def test_batch_size_warmup_ramps_microbatches():
