@@ -2,8 +2,9 @@
 // once and writes p, m and v in place (the results alias those operands). XLA runs the same update as four passes
 // (the clipped gradient, each moment, then the parameter), moving 48 bytes per element where this moves 28. The
 // arithmetic is `optimizer.make`'s chain in its order; with the compiler's default FMA contraction the moments equal
-// XLA's bit for bit and the parameters differ from XLA's by at most one ulp in a few percent of the elements (where
-// one side fuses a multiply and an add that the other rounds twice):
+// XLA's bit for bit, and the parameters differ from XLA's in a few percent of the elements by up to two ulps of the
+// step plus one of the result (one side fuses a multiply and an add that the other rounds twice; where p + step u
+// cancels, that is several ulps of the result; tests/test_native_adamw.py):
 //
 //   g' = g / divisor * multiplier          (clip_by_global_norm; divisor = multiplier = 1 when it does not clip)
 //   m' = b1 m + (1 - b1) g'                v' = b2 v + (1 - b2) g' g'
