@@ -72,6 +72,8 @@ _QUICK = flags.DEFINE_bool("quick", False, "Two points per sweep, 2 repetitions,
 _REPETITIONS = flags.DEFINE_integer("repetitions", 5, "Timed repetitions per figure.")
 _STEPS_PER_REP = flags.DEFINE_integer("steps_per_rep", 2, "Training steps in one timed repetition.")
 _WARMUP = flags.DEFINE_integer("warmup_steps", 3, "Untimed steps after compilation.")
+_SETTLE = flags.DEFINE_integer("settle_steps", 1, "Untimed steps before each variant's timed ones in every "
+                               "repetition of the side-by-side training figures (see round_robin).")
 _MATMUL = flags.DEFINE_integer("matmul_size", 2048, "Side of the square fp32 matmul of the peak figure.")
 _TORCH_COMPILE = flags.DEFINE_bool("torch_compile", True, "Also time transformers under torch.compile.")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["512", "1024", "2048", "4096"], "Sequence lengths of the seq sweep.")
@@ -124,11 +126,20 @@ def matmul_peak(framework: str, shape: tuple[int, int, int], repetitions: int) -
   return summary(rates)
 
 
-def round_robin(runners: dict[str, Any], repetitions: int, steps: int) -> dict[str, list[float]]:
-  """Seconds per step of each runner, `repetitions` times, the runners interleaved within each repetition."""
+def round_robin(runners: dict[str, Any], repetitions: int, steps: int, settle: int = 0) -> dict[str, list[float]]:
+  """Seconds per step of each runner, `repetitions` times, the runners interleaved within each repetition.
+
+  `settle` untimed steps precede each runner's timed ones in every repetition. Switching frameworks in one
+  process costs the next step: on the 2-core CPU our first step after a transformers step measured 291-644 ms
+  against 288-331 for the ones after it (caches and the heap left by the other side), so without them each
+  figure would include a switch that a training run never makes.
+  """
   times = {name: [] for name in runners}
   for _ in range(repetitions):
     for name, runner in runners.items():
+      for _ in range(settle):
+        runner.step()
+      runner.sync()
       start = time.perf_counter()
       for _ in range(steps):
         runner.step()
@@ -253,8 +264,11 @@ class TorchStep:
 
 
 def train_figures(config: ml_collections.ConfigDict, peak: float | None, repetitions: int, steps: int,
-                  warmup: int, torch_compile: bool, profile_dir: str | None = None) -> dict[str, Any]:
-  """Tokens/s of ours, transformers eager and compiled (MTP off), and ours with MTP on; ratios and MFU."""
+                  warmup: int, torch_compile: bool, profile_dir: str | None = None, settle: int = 1) -> dict[str, Any]:
+  """Tokens/s of ours, transformers eager and compiled (MTP off), and ours with MTP on; ratios and MFU.
+
+  The variants are timed round-robin in this process, `settle` untimed steps before each one's timed steps.
+  """
   off = bench_config(config, n_mtp_layers=0)
   batch, seq = config.data.batch_size, config.data.seq_len
   tokens = random_tokens(config.model.vocab_size, batch, seq)
@@ -269,8 +283,8 @@ def train_figures(config: ml_collections.ConfigDict, peak: float | None, repetit
       runner.step()
     runner.sync()
   load = os.getloadavg()[0]
-  times = round_robin(runners, repetitions, steps)
-  out = {"batch": batch, "seq_len": seq, "tokens_per_step": batch * seq, "load_before": load,
+  times = round_robin(runners, repetitions, steps, settle=settle)
+  out = {"batch": batch, "seq_len": seq, "tokens_per_step": batch * seq, "settle_steps": settle, "load_before": load,
          "load_after": os.getloadavg()[0], "runs": {}}
   for name, runner in runners.items():
     cfg = runner.cfg if isinstance(runner, OursStep) else config_lib.ModelConfig(**off.model.to_dict())
@@ -494,6 +508,8 @@ def _plan() -> dict[str, Any]:
       raise app.UsageError(f"--{name} must be positive")
   if _WARMUP.value < 0:
     raise app.UsageError("--warmup_steps must be >= 0")
+  if _SETTLE.value < 0:
+    raise app.UsageError("--settle_steps must be >= 0")
   if _MD_PATH.value:
     bench_report.check_markdown(_MD_PATH.value)
   if not os.path.isdir(os.path.dirname(os.path.abspath(_JSON_PATH.value))):
@@ -519,7 +535,8 @@ def run(config: ml_collections.ConfigDict, plan: dict[str, Any]) -> dict[str, An
     peak = report["peak"]["gflops"] = max(report["peak"]["jax"]["median"], report["peak"]["torch"]["median"])
     print(f"matmul peak: {peak:.0f} GFLOP/s", flush=True)
   if "train" in plan["sections"]:
-    report["train"] = train_figures(config, peak, reps, steps, warmup, _TORCH_COMPILE.value, _PROFILE_DIR.value)
+    report["train"] = train_figures(config, peak, reps, steps, warmup, _TORCH_COMPILE.value, _PROFILE_DIR.value,
+                                    settle=_SETTLE.value)
     print(f"training step: ours / faster transformers = {report['train']['ours_vs_faster_torch']:.2f}x", flush=True)
   if "seq" in plan["sections"]:
     report["seq"] = seq_sweep(config, plan["seq_lens"], _SEQ_TOKENS.value, reps, min(warmup, 1))

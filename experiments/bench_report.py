@@ -54,7 +54,10 @@ def _md_peak(r):
 
 def _md_train(r):
   t = r["train"]
-  out = [f"**Training step** ({t['batch']} x {t['seq_len']} tokens, forward + backward + clip + AdamW; load "
+  settle = t.get("settle_steps", 0)
+  order = f"round-robin, {settle} untimed step{'s' if settle != 1 else ''} before each timed repetition; " \
+      if settle else "round-robin; "
+  out = [f"**Training step** ({t['batch']} x {t['seq_len']} tokens, forward + backward + clip + AdamW; {order}load "
          f"{t['load_before']:.2f} before, {t['load_after']:.2f} after):", "",
          "| implementation | MTP | tokens/s | ms/step | model GFLOP/s | MFU | ours / this | compile s | first CE |",
          "|---|---|---:|---:|---:|---:|---:|---:|---:|"]

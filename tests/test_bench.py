@@ -1,8 +1,9 @@
-"""The benchmark suite's pieces on the tiny config, one repetition each (timings are not asserted)."""
+"""The benchmark suite's pieces on the tiny config, one repetition each (the real runners' timings are not asserted)."""
 
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -52,6 +53,32 @@ def test_peer_holds_our_weights(tiny_config):
   np.testing.assert_allclose(ours, theirs, atol=1e-5)
   with pytest.raises(ValueError, match="no MTP"):
     bench.hf_model(variables, cfg.replace(n_mtp_layers=1))
+
+
+class _SlowAfterSwitch:
+  """A runner whose first step after another runner's costs 50 ms and the rest nothing."""
+
+  def __init__(self, log):
+    self.log, self.steps = log, 0
+
+  def step(self):
+    if self.log and self.log[-1] is not self:
+      time.sleep(0.05)
+    self.log.append(self)
+    self.steps += 1
+
+  def sync(self):
+    pass
+
+
+def test_round_robin_settle_steps_are_untimed():
+  log = []
+  runners = {"a": _SlowAfterSwitch(log), "b": _SlowAfterSwitch(log)}
+  times = bench.round_robin(runners, repetitions=3, steps=2, settle=1)
+  assert all(r.steps == 3 * (1 + 2) for r in runners.values())
+  assert all(len(t) == 3 and max(t) < 0.02 for t in times.values())  # the 50 ms switch fell on the settle step
+  times = bench.round_robin(runners, repetitions=3, steps=2)
+  assert min(times["a"] + times["b"]) >= 0.025  # without it each repetition pays the switch: 50 ms over 2 steps
 
 
 def test_train_figures_side_by_side(tiny_config):
