@@ -5,8 +5,8 @@ optax chain (its state is what checkpoints hold); `update` applies one step of i
 (impl "xla": XLA makes four passes over each parameter) or as one native pass per parameter on the CPU that reads
 p, g, m, v once and writes p, m, v in place (impl "native", `csrc/adamw.cc`): the same arithmetic in the same
 order, so the moments are equal bit for bit and the parameters to two ulps of the step plus one of the result (XLA
-may fuse a multiply and an add where the kernel rounds twice, or the reverse). "auto" takes the native pass when lowering for the CPU with
-float32 parameters and moments, and XLA otherwise.
+may fuse a multiply and an add where the kernel rounds twice, or the reverse). "auto" takes the native pass when
+lowering for the CPU with float32 parameters and moments, and XLA otherwise.
 """
 
 from __future__ import annotations

@@ -15,8 +15,10 @@ report records and which applies to both sides:
   configs/small_cpu.py: the small preset, vocab 257, 16 x 128 tokens), MTP off on both sides, on the
   same random tokens and the same weights: ours (`train.train_step`, jitted, state donated) against
   `DeepseekV3ForCausalLM` eager and under `torch.compile` (torch.optim.AdamW, fused). The three are
-  timed round-robin so that a load change hits them alike. Ours is also timed with MTP on (the main
-  job's setting), and its share of the matmul peak is computed from `metrics.model_flops_per_token`.
+  timed round-robin so that a load change hits them alike, each after --settle_steps untimed steps of its
+  own in every repetition (the first step after the other framework ran is slow). Ours is also timed with
+  MTP on (the main job's setting), and its share of the matmul peak is computed from
+  `metrics.model_flops_per_token`.
 - seq: our step at each --seq_lens with --seq_tokens tokens per step (batch = tokens / length), each
   point in its own process so that its peak RSS is its own.
 - experts: our step with --expert_counts routed experts at the config's top-k, with the optimizer
