@@ -133,7 +133,7 @@ def round_robin(runners: dict[str, Any], repetitions: int, steps: int, settle: i
 
   `settle` untimed steps precede each runner's timed ones in every repetition. Switching frameworks in one
   process costs the next step: on the 2-core CPU our first MTP-on step after a transformers step measured
-  291-644 ms against 288-331 for the ones after it (not the peer's threads spinning: a 0.3 s pause did not
+  291-644 ms against mostly 288-331 for the ones after it (not the peer's threads spinning: a 0.3 s pause did not
   help), so without them each figure would include a switch that a training run never makes.
   """
   times = {name: [] for name in runners}
