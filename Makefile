@@ -2,9 +2,17 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-# glibc's heap on transparent huge pages: XLA's per-step scratch is not faulted back in page by page every step
-# (dsv3_jax/host.py). Read by glibc when a process starts, so it is set here, for every command below.
-export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+# glibc's heap on transparent huge pages: XLA's per-step scratch is not faulted back in page by page every step.
+# `make run` and the benchmarks also keep the freed scratch mapped for the next step (one arena, no mmap'd chunks, no
+# trimming), which slows compiling by about a fifth, too much for the tests (dsv3_jax/host.py: HUGE_PAGE_TUNABLE,
+# RUN_TUNABLES). glibc reads them when a process starts, so they are set here, per command; a GLIBC_TUNABLES in the
+# environment wins.
+TEST_TUNABLES := glibc.malloc.hugetlb=1
+RUN_TUNABLES := glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184
+ifeq ($(origin GLIBC_TUNABLES),undefined)
+export GLIBC_TUNABLES = $(TEST_TUNABLES)
+run bench bench-moe: GLIBC_TUNABLES = $(RUN_TUNABLES)
+endif
 
 .PHONY: run test lint bench bench-moe param-count compare-torch plot plan multihost-cpu clean gpu-compile-check
 

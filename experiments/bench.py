@@ -8,8 +8,8 @@
 What runs, in one process unless said otherwise (fp32 throughout). Our step runs as the main job runs it: on
 the run config's mesh over this process's devices, which --cpu_devices (default auto, as in experiments.train)
 makes one per core the batch divides; transformers uses all cores as intra-op threads. Start it with
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in the environment (`make bench` does; dsv3_jax/host.py), which the
-report records and which applies to both sides:
+GLIBC_TUNABLES set to host.RUN_TUNABLES (glibc's heap on huge pages, freed scratch kept mapped for the next step;
+`make bench` does, dsv3_jax/host.py), which the report records and which applies to both sides:
 - peak: a large square fp32 matmul in jax and in torch; the faster median is the machine's peak.
 - train: one optimizer step (forward + backward + clip + AdamW) of the run config's model (default
   configs/small_cpu.py: the small preset, vocab 257, 16 x 128 tokens), MTP off on both sides, on the
@@ -457,7 +457,8 @@ def machine() -> dict[str, Any]:
           "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
           "flax": flax.__version__,
           "backend": jax.default_backend(), "devices": jax.device_count(),
-          "malloc_huge_pages": host.huge_page_malloc(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+          "malloc_huge_pages": host.huge_page_malloc(), "malloc_heap_kept": host.heap_kept(),
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
           "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
   try:
     with open("/proc/cpuinfo") as f:

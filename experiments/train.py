@@ -13,8 +13,8 @@ Inside a multi-process SLURM or Open MPI job the flags can be left out (--distri
 
 On a CPU host, --cpu_devices=auto (the default) splits the host into one XLA device per core, as many as
 divide config.data.batch_size, and the default mesh puts them all on `data` (dsv3_jax/host.py says why);
---cpu_devices=1 keeps one device. Start it with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in the environment
-(`make run` does) for XLA's scratch on huge pages.
+--cpu_devices=1 keeps one device. Start it with GLIBC_TUNABLES set to host.RUN_TUNABLES in the environment
+(`make run` does) for XLA's scratch on huge pages and kept mapped from one step to the next.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ def main(argv):
   distributed.initialize(*job)
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)  # one log for the job: process 0's
-  logging.info("jax %s, process %d of %d, %d local / %d global devices; malloc on huge pages: %s",
-               jax.__version__, jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count(), host.huge_page_malloc())
+  logging.info("jax %s, process %d of %d, %d local / %d global devices; malloc on huge pages: %s, "
+               "freed scratch kept mapped: %s", jax.__version__, jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(), host.huge_page_malloc(), host.heap_kept())
   summary = train.run(_CONFIG.value, _WORKDIR.value)
   if jax.process_index() == 0:
     _report(summary)
