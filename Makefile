@@ -2,17 +2,13 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-# glibc's heap on transparent huge pages: XLA's per-step scratch is not faulted back in page by page every step.
-# `make run` and the benchmarks also keep the freed scratch mapped for the next step (one arena, no mmap'd chunks, no
-# trimming), which slows compiling by about a fifth, too much for the tests (dsv3_jax/host.py: HUGE_PAGE_TUNABLE,
-# RUN_TUNABLES). glibc reads them when a process starts, so they are set here, per command; a GLIBC_TUNABLES in the
-# environment wins.
-TEST_TUNABLES := glibc.malloc.hugetlb=1
-RUN_TUNABLES := glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184
-ifeq ($(origin GLIBC_TUNABLES),undefined)
-export GLIBC_TUNABLES = $(TEST_TUNABLES)
-run bench bench-moe: GLIBC_TUNABLES = $(RUN_TUNABLES)
-endif
+# glibc's heap on transparent huge pages: XLA's per-step scratch is not faulted back in page by page every step
+# (dsv3_jax/host.py). Read by glibc when a process starts, so it is set here, for every command below.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+# `make run` and the benchmarks also keep large freed blocks mapped for the next step instead of having the kernel
+# zero them again (dsv3_jax/keep_freed.py): the library is built on first use, and left out (with a message) if it
+# cannot be.
+KEEP_FREED = LD_PRELOAD="$$($(PY) -m dsv3_jax.keep_freed)"
 
 .PHONY: run test lint bench bench-moe param-count compare-torch plot plan multihost-cpu clean gpu-compile-check
 
@@ -23,7 +19,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 run: $(VENV)/.installed
-	$(PY) -m experiments.train --config=configs/small_cpu.py --workdir=workdir/small_cpu
+	$(KEEP_FREED) $(PY) -m experiments.train --config=configs/small_cpu.py --workdir=workdir/small_cpu
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
@@ -34,10 +30,10 @@ lint: $(VENV)/.installed
 # Ours against transformers (eager, torch.compile), MFU, cost growth, MoE and decode: docs/bench.json and the
 # generated section of docs/BENCHMARKS.md. About 8 minutes on a 2-core CPU; BENCH_FLAGS=--quick for a smoke run.
 bench: $(VENV)/.installed
-	$(PY) -m experiments.bench $(BENCH_FLAGS)
+	$(KEEP_FREED) $(PY) -m experiments.bench $(BENCH_FLAGS)
 
 bench-moe: $(VENV)/.installed
-	$(PY) -m experiments.bench_moe
+	$(KEEP_FREED) $(PY) -m experiments.bench_moe
 
 param-count: $(VENV)/.installed
 	$(PY) -m experiments.param_count --preset=deepseek_v3_671b

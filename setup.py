@@ -9,7 +9,7 @@ setuptools.setup(
     python_requires=">=3.11",
     packages=["dsv3_jax", "pallas_kernels"],
     # The native CPU kernels' source, compiled on first use (dsv3_jax/native.py).
-    package_data={"dsv3_jax": ["csrc/*.cc", "csrc/*.h"]},
+    package_data={"dsv3_jax": ["csrc/*.cc", "csrc/*.h", "csrc_preload/*.c"]},
     install_requires=[
         "jax==0.10.2",
         "jaxlib==0.10.2",

@@ -1,4 +1,4 @@
-"""The host CPU as XLA devices, and the allocator settings that keep XLA's scratch on huge pages and mapped.
+"""The host CPU as XLA devices, and the allocator setting that keeps XLA's buffers on huge pages.
 
 XLA's CPU runtime runs the small dots inside a loop body (the routed experts' tile loop) on one core, whatever
 the thread pool holds (docs/BENCHMARKS.md). Splitting the host into one XLA device per core and the batch over
@@ -7,17 +7,12 @@ them (the `data` mesh axis, as on any other set of devices) gives every core its
 
   host.set_cpu_devices("auto", batch_size=config.data.batch_size)   # one device per core the batch divides
 
-XLA allocates each step's scratch anew (one block per device, 166 MiB per device for the small model's step); with
-glibc's default 4 KiB pages every step then faults it back in (85k page faults, ~150 ms of kernel time per step of
-the small model on 2 cores). glibc maps its heap on transparent huge pages when started with
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (`HUGE_PAGE_TUNABLE`); `huge_page_malloc` says whether this process has it.
-The block is still a fresh mapping every step, which the kernel zeroes on first touch (~950 faults and 35-45 ms of
-kernel time per step over both cores). `KEEP_HEAP_TUNABLES` keep it mapped instead: one malloc arena for every
-thread (the device threads' other arenas cannot hold a block over 64 MiB and map it afresh), no mmap'd chunks
-and no trimming, so a freed block is reused by the next step; `heap_kept` says whether this process has them.
-That costs contention on the one arena where many threads allocate at once: compiling is about 20% slower (the
-test suite too), so the Makefile starts `make run` and `make bench` with `RUN_TUNABLES` and `make test` with the
-huge pages alone. Tunables are read when a process starts: they cannot be switched on from Python.
+XLA allocates each step's scratch anew; with glibc's default 4 KiB pages every step then faults it back in
+(85k page faults, ~150 ms of kernel time per step of the small model on 2 cores). glibc maps its heap on
+transparent huge pages when started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1; the Makefile exports it, and
+`huge_page_malloc` says whether this process has it. It has to be in the environment when the process
+starts: it cannot be switched on from Python. The scratch is then still mapped afresh every step and zeroed by the
+kernel on first touch; `keep_freed.py` (preloaded by `make run` and `make bench`) keeps it mapped instead.
 """
 
 from __future__ import annotations
@@ -28,8 +23,6 @@ import re
 import jax
 
 HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb=1"
-KEEP_HEAP_TUNABLES = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0", "glibc.malloc.trim_threshold=17179869184")
-RUN_TUNABLES = ":".join((HUGE_PAGE_TUNABLE,) + KEEP_HEAP_TUNABLES)  # the Makefile's, for `make run` and `make bench`
 _FORCE_FLAG = re.compile(r"--xla_force_host_platform_device_count=(\S+)")
 
 
@@ -92,28 +85,12 @@ def set_cpu_devices(spec: str | int, batch_size: int, may_split: bool = True) ->
   return n
 
 
-def _tunables() -> dict[str, str]:
-  """GLIBC_TUNABLES as name -> value (a later setting of the same name wins, as in glibc)."""
-  pairs = (item.split("=", 1) for item in os.environ.get("GLIBC_TUNABLES", "").split(":") if "=" in item)
-  return {name: value for name, value in pairs}
-
-
 def huge_page_malloc() -> bool:
   """Whether glibc's heap is on transparent huge pages here (GLIBC_TUNABLES, or THP 'always' system-wide)."""
-  if _tunables().get("glibc.malloc.hugetlb") == "1":
+  if HUGE_PAGE_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":"):
     return True
   try:
     with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
       return "[always]" in f.read()
   except OSError:
-    return False
-
-
-def heap_kept() -> bool:
-  """Whether GLIBC_TUNABLES keep freed scratch mapped for the next step (`KEEP_HEAP_TUNABLES` or stricter)."""
-  t = _tunables()
-  try:
-    return (int(t.get("glibc.malloc.arena_max", "0")) == 1 and int(t.get("glibc.malloc.mmap_max", "-1")) == 0
-            and int(t.get("glibc.malloc.trim_threshold", "0")) >= 2**30)
-  except ValueError:
     return False

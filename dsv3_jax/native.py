@@ -81,7 +81,8 @@ def _cpu_signature() -> str:
   return "\n".join(sorted({line for line in info if line.startswith(("model name", "flags"))}))
 
 
-def _compiler() -> str:
+def compiler() -> str:
+  """The C++ compiler driver the native code is built with (`$CXX`, else g++ on PATH)."""
   cxx = os.environ.get("CXX") or "g++"
   path = shutil.which(cxx)
   if path is None:
@@ -91,7 +92,7 @@ def _compiler() -> str:
 
 def build() -> pathlib.Path:
   """The compiled handler library, built into the cache if it is not there yet (atomic: no half-written file)."""
-  cxx = _compiler()
+  cxx = compiler()
   version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
   texts = [p.read_text() for p in sorted(SOURCE_DIR.glob("*.[ch]*"))]
   key = hashlib.sha256("\0".join([*texts, " ".join(_FLAGS), version, jax.__version__,

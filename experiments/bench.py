@@ -8,8 +8,9 @@
 What runs, in one process unless said otherwise (fp32 throughout). Our step runs as the main job runs it: on
 the run config's mesh over this process's devices, which --cpu_devices (default auto, as in experiments.train)
 makes one per core the batch divides; transformers uses all cores as intra-op threads. Start it with
-GLIBC_TUNABLES set to host.RUN_TUNABLES (glibc's heap on huge pages, freed scratch kept mapped for the next step;
-`make bench` does, dsv3_jax/host.py), which the report records and which applies to both sides:
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 and LD_PRELOAD="$(python -m dsv3_jax.keep_freed)" in the environment
+(glibc's heap on huge pages, large freed blocks kept mapped; `make bench` does both: dsv3_jax/host.py,
+dsv3_jax/keep_freed.py), which the report records and which apply to both sides and to the child processes:
 - peak: a large square fp32 matmul in jax and in torch; the faster median is the machine's peak.
 - train: one optimizer step (forward + backward + clip + AdamW) of the run config's model (default
   configs/small_cpu.py: the small preset, vocab 257, 16 x 128 tokens), MTP off on both sides, on the
@@ -56,6 +57,7 @@ from ml_collections import config_flags
 from dsv3_jax import config as config_lib
 from dsv3_jax import convert
 from dsv3_jax import host
+from dsv3_jax import keep_freed
 from dsv3_jax import metrics
 from dsv3_jax import optimizer
 from dsv3_jax import param_count
@@ -457,7 +459,7 @@ def machine() -> dict[str, Any]:
           "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
           "flax": flax.__version__,
           "backend": jax.default_backend(), "devices": jax.device_count(),
-          "malloc_huge_pages": host.huge_page_malloc(), "malloc_heap_kept": host.heap_kept(),
+          "malloc_huge_pages": host.huge_page_malloc(), "malloc_keep_freed": keep_freed.active(),
           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
           "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
   try:

@@ -38,7 +38,7 @@ def markdown(report: dict[str, Any]) -> str:
            f"jax/jaxlib {m['jax']}/{m['jaxlib']}, flax {m['flax']}, torch {m.get('torch', '-')} "
            f"({m.get('torch_threads', '-')} threads), transformers {m.get('transformers', '-')}; fp32; "
            f"{_devices(m)}; glibc malloc on huge pages: {'yes' if m.get('malloc_huge_pages') else 'no'}, "
-           f"freed scratch kept mapped: {_yes_no_unknown(m.get('malloc_heap_kept'))}. "
+           f"large freed blocks kept mapped (`dsv3_jax/keep_freed.py`): {_yes_no_unknown(m.get('malloc_keep_freed'))}. "
            f"Each figure: median (min-max) of {report['repetitions']} timed repetitions after compilation and "
            f"warm-up. Model: `{report['config']}` ({report['model']}). Load average when the run started: "
            f"{report.get('load_at_start', float('nan')):.2f} (2 cores; the run itself then adds about 2).", ""]

@@ -13,8 +13,9 @@ Inside a multi-process SLURM or Open MPI job the flags can be left out (--distri
 
 On a CPU host, --cpu_devices=auto (the default) splits the host into one XLA device per core, as many as
 divide config.data.batch_size, and the default mesh puts them all on `data` (dsv3_jax/host.py says why);
---cpu_devices=1 keeps one device. Start it with GLIBC_TUNABLES set to host.RUN_TUNABLES in the environment
-(`make run` does) for XLA's scratch on huge pages and kept mapped from one step to the next.
+--cpu_devices=1 keeps one device. Start it with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in the environment for XLA's
+scratch on huge pages, and with LD_PRELOAD="$(python -m dsv3_jax.keep_freed)" for that scratch kept mapped from
+one step to the next (`make run` does both; dsv3_jax/host.py, dsv3_jax/keep_freed.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ml_collections import config_flags
 
 from dsv3_jax import distributed
 from dsv3_jax import host
+from dsv3_jax import keep_freed
 from dsv3_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).", lock_config=True)
@@ -52,9 +54,9 @@ def main(argv):
   distributed.initialize(*job)
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)  # one log for the job: process 0's
-  logging.info("jax %s, process %d of %d, %d local / %d global devices; malloc on huge pages: %s, "
-               "freed scratch kept mapped: %s", jax.__version__, jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count(), host.huge_page_malloc(), host.heap_kept())
+  logging.info("jax %s, process %d of %d, %d local / %d global devices; malloc on huge pages: %s, freed blocks "
+               "kept mapped: %s", jax.__version__, jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), host.huge_page_malloc(), keep_freed.active())
   summary = train.run(_CONFIG.value, _WORKDIR.value)
   if jax.process_index() == 0:
     _report(summary)

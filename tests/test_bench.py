@@ -134,10 +134,11 @@ def test_report_header_says_how_malloc_ran():
   m = {"date": "d", "cpu": "c", "cpus": 2, "jax": "j", "jaxlib": "j", "flax": "f", "devices": 2}
   report = {"machine": m, "repetitions": 1, "config": "c.py", "model": "m", "goals": []}
   for kept, said in ((True, "yes"), (False, "no"), (None, "not recorded")):  # None: a report older than the field
-    m.update(malloc_huge_pages=True, malloc_heap_kept=kept)
+    m.update(malloc_huge_pages=True, malloc_keep_freed=kept)
     if kept is None:
-      del m["malloc_heap_kept"]
-    assert f"glibc malloc on huge pages: yes, freed scratch kept mapped: {said}." in bench_report.markdown(report)
+      del m["malloc_keep_freed"]
+    assert (f"glibc malloc on huge pages: yes, large freed blocks kept mapped (`dsv3_jax/keep_freed.py`): {said}."
+            in bench_report.markdown(report))
 
 
 def test_replace_section_keeps_the_rest(tmp_path):

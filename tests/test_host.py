@@ -2,8 +2,6 @@
 
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 
@@ -85,53 +83,3 @@ def test_set_cpu_devices_in_a_fresh_process():
 def test_huge_page_malloc_reads_the_tunable(monkeypatch):
   monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1:" + host.HUGE_PAGE_TUNABLE)
   assert host.huge_page_malloc()
-
-
-def test_heap_kept_needs_every_tunable(monkeypatch):
-  monkeypatch.setenv("GLIBC_TUNABLES", host.RUN_TUNABLES)
-  assert host.huge_page_malloc() and host.heap_kept()
-  for missing in host.KEEP_HEAP_TUNABLES:
-    monkeypatch.setenv("GLIBC_TUNABLES", ":".join(t for t in host.RUN_TUNABLES.split(":") if t != missing))
-    assert not host.heap_kept(), missing
-  # glibc takes the last setting of a name; a small trim threshold returns freed scratch to the kernel again.
-  monkeypatch.setenv("GLIBC_TUNABLES", host.RUN_TUNABLES + ":glibc.malloc.trim_threshold=131072")
-  assert not host.heap_kept()
-  monkeypatch.setenv("GLIBC_TUNABLES", host.RUN_TUNABLES.replace("arena_max=1", "arena_max=one"))
-  assert not host.heap_kept()
-  monkeypatch.setenv("GLIBC_TUNABLES", host.HUGE_PAGE_TUNABLE)
-  assert host.huge_page_malloc() and not host.heap_kept()
-
-
-def test_makefile_starts_run_and_bench_with_run_tunables():
-  """The Makefile spells the tunables out (make cannot import them); they must stay host's."""
-  with open(os.path.join(_REPO, "Makefile")) as f:
-    assigned = dict(re.findall(r"^(\w+_TUNABLES) := (\S+)$", f.read(), flags=re.M))
-  assert assigned == {"TEST_TUNABLES": host.HUGE_PAGE_TUNABLE, "RUN_TUNABLES": host.RUN_TUNABLES}
-
-
-_FAULTS_PER_CALL = """
-import resource, jax, jax.numpy as jnp
-f = jax.jit(lambda x: (jnp.sin(x) * 2 + 1).sum(axis=0) + jnp.cos(x)[::-1].sum(axis=0))  # 64 MiB of scratch
-x = jnp.ones((4096, 4096), jnp.float32)
-f(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-  f(x).block_until_ready()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="GLIBC_TUNABLES are glibc's")
-def test_run_tunables_keep_xla_scratch_mapped_between_calls():
-  """With huge pages alone a 64 MiB scratch block is mapped afresh (and faulted in) on every call; not with
-  RUN_TUNABLES."""
-  def faults(tunables):
-    env = dict(os.environ, GLIBC_TUNABLES=tunables, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return float(proc.stdout.split()[-1])
-
-  fresh, kept = faults(host.HUGE_PAGE_TUNABLE), faults(host.RUN_TUNABLES)
-  assert fresh > 100, fresh  # 2 MiB faults over 64 MiB at least, every call
-  assert kept < fresh / 10, (kept, fresh)
