@@ -29,7 +29,7 @@ extern void *__libc_memalign(size_t alignment, size_t size);
 #define KEEP_MIN_BYTES ((size_t)4 << 20)
 #define HEADER_BYTES ((size_t)4096)  // the returned pointer is page aligned; its chunk header ends the first page
 #define ROUND_BYTES ((size_t)2 << 20)
-#define SLOTS 64
+#define SLOTS 1024  // blocks mapped at once, live and cached; past that a request goes to glibc
 #define CHUNK_IS_MMAPPED ((size_t)2)
 
 typedef struct {
