@@ -27,9 +27,9 @@ def library():
     pytest.skip(f"no compiler for the library: {e}")
 
 
-def _child(code: str, preload: str | None, **env) -> dict:
+def _child(code: str, preload: str | None, timeout: float = 600, **env) -> dict:
   env = dict(os.environ, LD_PRELOAD=preload or "", XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=_REPO, **env)
-  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -142,3 +142,35 @@ def test_training_steps_are_the_same_on_reused_blocks(library):
   assert kept["stats"]["reuses"] >= 6, kept["stats"]  # two devices' scratch, reused by every later step
   assert plain["stats"] is None
   assert kept["sha256"] == plain["sha256"]  # the state after three steps, bit for bit
+
+
+_FORK_WHILE_ALLOCATING = r"""
+import ctypes, json, os, threading
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+stop = False
+def churn():  # takes and drops the library's lock all the time
+  while not stop:
+    libc.free(libc.malloc(8 << 20))
+workers = [threading.Thread(target=churn) for _ in range(2)]
+for w in workers:
+  w.start()
+children = 0
+for _ in range(20):
+  pid = os.fork()
+  if pid == 0:  # the child allocates at once: a lock copied while held would hang it
+    libc.free(libc.malloc(8 << 20))
+    os._exit(0)
+  _, status = os.waitpid(pid, 0)
+  children += os.waitstatus_to_exitcode(status) == 0
+stop = True
+for w in workers:
+  w.join()
+print(json.dumps(children))
+"""
+
+
+def test_fork_while_other_threads_allocate(library):
+  assert _child(_FORK_WHILE_ALLOCATING, library, timeout=120) == 20  # before the fork handlers: a hang

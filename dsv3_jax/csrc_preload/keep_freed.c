@@ -45,9 +45,14 @@ static uintptr_t lowest = UINTPTR_MAX, highest = 0;  // every mapping ever made 
 static size_t cached_bytes, cache_limit = (size_t)2048 << 20;
 static uint64_t clock_ticks, reuses, mappings;
 
-__attribute__((constructor)) static void read_limit(void) {
+// A fork while another thread holds the lock would leave the child's copy locked for good: hold it across fork.
+static void lock_for_fork(void) { pthread_mutex_lock(&lock); }
+static void unlock_after_fork(void) { pthread_mutex_unlock(&lock); }
+
+__attribute__((constructor)) static void start(void) {
   const char *mb = getenv("DSV3_KEEP_FREED_MB");
   if (mb != NULL && *mb != '\0') cache_limit = (size_t)strtoull(mb, NULL, 10) << 20;
+  pthread_atfork(lock_for_fork, unlock_after_fork, unlock_after_fork);
 }
 
 static void *user_pointer(Slot *s) {
