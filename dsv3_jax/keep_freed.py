@@ -3,7 +3,7 @@
 XLA's CPU runtime allocates each step's scratch anew and frees it at the end of the step: one block per device,
 166 MiB for the small model's step on each of two devices. glibc maps a block that large afresh every time (a
 worker thread's arena cannot hold it) and hands mid-sized ones back to the kernel, which then zeroes their pages
-again on first touch: about 950 page faults and 35-45 ms of kernel time per step of the small model on 2 cores,
+again on first touch: about 950 page faults and 33-46 ms of kernel time per step of the small model on 2 cores,
 on the path of the ops that first write the memory. `keep_freed.c` is a small allocator for blocks of 4 MiB and
 more that keeps a freed block mapped and hands it to the next request it fits; everything else stays glibc's.
 It replaces malloc, so it must be preloaded when the process starts (LD_PRELOAD); `make run` and `make bench` do:
@@ -15,10 +15,10 @@ It replaces malloc, so it must be preloaded when the process starts (LD_PRELOAD)
 command then runs without it. `active()` says whether this process has it, `stats()` what it holds.
 DSV3_KEEP_FREED_MB (default 2048) caps the freed bytes it keeps.
 
-glibc's own settings cannot do this: `GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0` (one arena,
+glibc's own settings do it only at a cost: `GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0` (one arena,
 so the scratch comes from the main heap) with a large trim threshold stops the faults too, but every thread then
-waits on that arena's lock (compiling about 20% slower, the test suite too) and the heap fragments (peak RSS
-1.3-1.9x); docs/BENCHMARKS.md has the figures.
+takes that arena's lock (compiling 20-55% slower, the tests about 20%) and the heap fragments (peak RSS 1.2-1.9x);
+docs/BENCHMARKS.md has the figures.
 """
 
 from __future__ import annotations
