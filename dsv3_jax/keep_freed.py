@@ -24,12 +24,8 @@ docs/BENCHMARKS.md has the figures.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
 import pathlib
-import subprocess
 import sys
-import tempfile
 
 from dsv3_jax import native
 
@@ -41,22 +37,8 @@ _STATS_FIELDS = ("blocks_mapped", "blocks_in_use", "cached_bytes", "reuses", "ma
 
 
 def build() -> pathlib.Path:
-  """The library, compiled into the cache if it is not there yet (atomic: no half-written file)."""
-  cc = native.compiler()
-  version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-  key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(_FLAGS), version]).encode()).hexdigest()[:20]
-  target = native.cache_dir() / "keep_freed" / key / LIBRARY
-  if target.exists():
-    return target
-  target.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-    built = pathlib.Path(tmp) / LIBRARY
-    cmd = [cc, *_FLAGS, str(SOURCE), "-o", str(built)]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-      raise native.Unavailable(f"compiling {SOURCE} failed ({' '.join(cmd)}):\n{result.stderr[-2000:]}")
-    os.replace(built, target)
-  return target
+  """The library, compiled into the cache if it is not there yet (`native.compile_cached`)."""
+  return native.compile_cached("keep_freed", LIBRARY, _FLAGS, [SOURCE])
 
 
 def _stats_function():

@@ -90,25 +90,39 @@ def compiler() -> str:
   return path
 
 
-def build() -> pathlib.Path:
-  """The compiled handler library, built into the cache if it is not there yet (atomic: no half-written file)."""
+def compile_cached(name: str, library: str, flags: Sequence[str], inputs: Sequence[pathlib.Path],
+                   key_texts: Sequence[str] = (), include_dir: str | None = None) -> pathlib.Path:
+  """`inputs` compiled by `compiler()` with `flags` into cache_dir()/name/<key>/library, unless it is there.
+
+  The key hashes the texts of the inputs and `key_texts` (the headers, whatever else the build depends on)
+  with the flags and the compiler's version, not the paths, so every checkout shares one build. Atomic: the
+  output is built in a temporary directory and renamed, so a failed or interrupted build leaves nothing behind;
+  a failure raises Unavailable with the compiler's error.
+  """
   cxx = compiler()
   version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-  texts = [p.read_text() for p in sorted(SOURCE_DIR.glob("*.[ch]*"))]
-  key = hashlib.sha256("\0".join([*texts, " ".join(_FLAGS), version, jax.__version__,
-                                  _cpu_signature()]).encode()).hexdigest()[:20]
-  target = cache_dir() / "native" / key / LIBRARY
+  texts = [p.read_text() for p in inputs]
+  key = hashlib.sha256("\0".join([*texts, *key_texts, " ".join(flags), version]).encode()).hexdigest()[:20]
+  target = cache_dir() / name / key / library
   if target.exists():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-    built = pathlib.Path(tmp) / target.name
-    cmd = [cxx, *_FLAGS, "-I", jax.ffi.include_dir(), *map(str, sources()), "-o", str(built)]
+    built = pathlib.Path(tmp) / library
+    cmd = [cxx, *flags, *(["-I", include_dir] if include_dir else []), *map(str, inputs), "-o", str(built)]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-      raise Unavailable(f"compiling {SOURCE_DIR} failed ({' '.join(cmd)}):\n{result.stderr[-2000:]}")
+      where = inputs[0].parent if len(inputs) > 1 else inputs[0]
+      raise Unavailable(f"compiling {where} failed ({' '.join(cmd)}):\n{result.stderr[-2000:]}")
     os.replace(built, target)
   return target
+
+
+def build() -> pathlib.Path:
+  """The compiled handler library, built into the cache if it is not there yet (`compile_cached`)."""
+  headers = [p.read_text() for p in sorted(SOURCE_DIR.glob("*.h"))]
+  return compile_cached("native", LIBRARY, _FLAGS, sources(), [*headers, jax.__version__, _cpu_signature()],
+                        include_dir=jax.ffi.include_dir())
 
 
 def _blas_candidates() -> list[pathlib.Path]:
