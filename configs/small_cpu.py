@@ -3,9 +3,10 @@ on this Python's standard-library sources. It is what `make run` does.
 
   python -m experiments.train --config=configs/small_cpu.py --workdir=workdir/small_cpu
 
-Runtime: about 5.5 minutes on a 2-core CPU with the environment installed (measured 5 min 19 s through `make
-run`: the host split into one XLA device per core, glibc's heap on huge pages, dsv3_jax/host.py; the routed
-experts, causal attention and the AdamW update as native calls, dsv3_jax/native.py). Expected: held-out loss well
+Runtime: about 5 minutes on a 2-core CPU with the environment installed (measured 5 min 1 s through `make run`:
+the host split into one XLA device per core, glibc's heap on huge pages with large freed blocks kept mapped,
+dsv3_jax/host.py and dsv3_jax/keep_freed.py; the routed experts, causal attention and the AdamW update as native
+calls, dsv3_jax/native.py). Expected: held-out loss well
 below the corpus' byte unigram entropy of 3.26 nats (measured 1.34), and Python-like samples.
 """
 

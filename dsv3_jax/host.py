@@ -12,7 +12,9 @@ XLA allocates each step's scratch anew; with glibc's default 4 KiB pages every s
 transparent huge pages when started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1; the Makefile exports it, and
 `huge_page_malloc` says whether this process has it. It has to be in the environment when the process
 starts: it cannot be switched on from Python. The scratch is then still mapped afresh every step and zeroed by the
-kernel on first touch; `keep_freed.py` (preloaded by `make run` and `make bench`) keeps it mapped instead.
+kernel on first touch; `keep_freed.py` (preloaded by `make run` and `make bench`) keeps it mapped instead. The
+training and benchmark entry points restart themselves with both when started without them
+(`keep_freed.restart_with_fast_malloc`).
 """
 
 from __future__ import annotations

@@ -15,6 +15,12 @@ It replaces malloc, so it must be preloaded when the process starts (LD_PRELOAD)
 command then runs without it. `active()` says whether this process has it, `stats()` what it holds.
 DSV3_KEEP_FREED_MB (default 2048) caps the freed bytes it keeps.
 
+A training or benchmark entry point started without it (`python -m experiments.train ...`) gets it anyway:
+`restart_with_fast_malloc()`, called first thing in their `__main__`, re-executes the process (same interpreter,
+arguments, environment and pid) with the library preloaded and glibc's heap on huge pages (`host.py`), where it
+lacks either. That costs the imports once more (about 4 s for `experiments.train`); DSV3_RESTART=0 leaves the
+process as started.
+
 glibc's own settings do it only at a cost: `GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0` (one arena,
 so the scratch comes from the main heap) with a large trim threshold stops the faults too, but every thread then
 takes that arena's lock (compiling 20-55% slower, the tests about 20%) and the heap fragments (peak RSS 1.2-1.9x);
@@ -24,9 +30,12 @@ docs/BENCHMARKS.md has the figures.
 from __future__ import annotations
 
 import ctypes
+import os
 import pathlib
+import platform
 import sys
 
+from dsv3_jax import host
 from dsv3_jax import native
 
 SOURCE = pathlib.Path(__file__).with_name("csrc_preload") / "keep_freed.c"
@@ -34,6 +43,7 @@ LIBRARY = "keep_freed.so"
 _FLAGS = ("-x", "c", "-O2", "-shared", "-fPIC", "-w")  # C, by the native kernels' compiler driver
 _STATS_SYMBOL = "dsv3_keep_freed_stats"
 _STATS_FIELDS = ("blocks_mapped", "blocks_in_use", "cached_bytes", "reuses", "mappings")
+RESTART_ENV = "DSV3_RESTART"  # "0": never restart; "done": set on the restarted process
 
 
 def build() -> pathlib.Path:
@@ -58,6 +68,40 @@ def stats() -> dict[str, int] | None:
   out = (ctypes.c_uint64 * len(_STATS_FIELDS))()
   fn(out)
   return dict(zip(_STATS_FIELDS, (int(v) for v in out), strict=True))
+
+
+def restart_with_fast_malloc() -> None:
+  """Re-executes this process with the library preloaded and glibc's heap on huge pages, where it lacks either.
+
+  For an entry point's `__main__`, before it starts threads, a backend or output: `os.execve` keeps the pid, the
+  arguments (`sys.orig_argv`: `-m module`, `-X` options and all) and the environment, plus GLIBC_TUNABLES' huge-page
+  setting and LD_PRELOAD's library. Returns without restarting where there is nothing to gain or no way to:
+  DSV3_RESTART=0 (or a process this already restarted), no glibc, both settings in place (a GLIBC_TUNABLES that
+  sets glibc.malloc.hugetlb either way counts), or the library cannot be built (said on stderr; the process then
+  goes on without it, restarted for huge pages alone if those were missing).
+  """
+  if os.environ.get(RESTART_ENV) in ("0", "done") or platform.libc_ver()[0] != "glibc":
+    return
+  argv = getattr(sys, "orig_argv", None)
+  if not argv or not sys.executable:
+    return
+  env = dict(os.environ)
+  tunables = env.get("GLIBC_TUNABLES", "")
+  if not host.huge_page_malloc() and "glibc.malloc.hugetlb=" not in tunables:  # a user's own setting stands
+    env["GLIBC_TUNABLES"] = ":".join(filter(None, (tunables, host.HUGE_PAGE_TUNABLE)))
+  if not active():
+    try:
+      library = str(build())
+    except (native.Unavailable, OSError) as e:
+      print(f"dsv3_jax.keep_freed: not built, running without it: {e}", file=sys.stderr)
+    else:
+      env["LD_PRELOAD"] = ":".join(filter(None, (env.get("LD_PRELOAD"), library)))
+  if env == dict(os.environ):
+    return
+  env[RESTART_ENV] = "done"
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, argv, env)
 
 
 def main() -> int:

@@ -7,10 +7,11 @@
 
 What runs, in one process unless said otherwise (fp32 throughout). Our step runs as the main job runs it: on
 the run config's mesh over this process's devices, which --cpu_devices (default auto, as in experiments.train)
-makes one per core the batch divides; transformers uses all cores as intra-op threads. Start it with
+makes one per core the batch divides; transformers uses all cores as intra-op threads. It runs with
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1 and LD_PRELOAD="$(python -m dsv3_jax.keep_freed)" in the environment
-(glibc's heap on huge pages, large freed blocks kept mapped; `make bench` does both: dsv3_jax/host.py,
-dsv3_jax/keep_freed.py), which the report records and which apply to both sides and to the child processes:
+(glibc's heap on huge pages, large freed blocks kept mapped: `make bench` sets both, and a process started
+without them restarts itself with them unless DSV3_RESTART=0; dsv3_jax/host.py, dsv3_jax/keep_freed.py), which the
+report records and which apply to both sides and to the child processes:
 - peak: a large square fp32 matmul in jax and in torch; the faster median is the machine's peak.
 - train: one optimizer step (forward + backward + clip + AdamW) of the run config's model (default
   configs/small_cpu.py: the small preset, vocab 257, 16 x 128 tokens), MTP off on both sides, on the
@@ -593,4 +594,5 @@ def _write(report: dict[str, Any], json_path: str | None) -> None:
 
 
 if __name__ == "__main__":
+  keep_freed.restart_with_fast_malloc()  # glibc on huge pages, large freed blocks kept mapped (DSV3_RESTART=0: not)
   app.run(main)

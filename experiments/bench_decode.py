@@ -37,6 +37,7 @@ from dsv3_jax import data
 from dsv3_jax import fp8_weights
 from dsv3_jax import generate
 from dsv3_jax import hf_checkpoint
+from dsv3_jax import keep_freed
 from dsv3_jax import model as model_lib
 from dsv3_jax import train
 
@@ -280,4 +281,5 @@ def _print_row(row: dict) -> None:
 
 
 if __name__ == "__main__":
+  keep_freed.restart_with_fast_malloc()  # glibc on huge pages, large freed blocks kept mapped (DSV3_RESTART=0: not)
   app.run(main)

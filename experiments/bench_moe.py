@@ -28,6 +28,7 @@ from absl import flags
 from absl import logging
 
 from dsv3_jax import config
+from dsv3_jax import keep_freed
 from dsv3_jax import moe
 from dsv3_jax import ops
 
@@ -173,4 +174,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  keep_freed.restart_with_fast_malloc()  # glibc on huge pages, large freed blocks kept mapped (DSV3_RESTART=0: not)
   app.run(main)

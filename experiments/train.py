@@ -13,9 +13,10 @@ Inside a multi-process SLURM or Open MPI job the flags can be left out (--distri
 
 On a CPU host, --cpu_devices=auto (the default) splits the host into one XLA device per core, as many as
 divide config.data.batch_size, and the default mesh puts them all on `data` (dsv3_jax/host.py says why);
---cpu_devices=1 keeps one device. Start it with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in the environment for XLA's
-scratch on huge pages, and with LD_PRELOAD="$(python -m dsv3_jax.keep_freed)" for that scratch kept mapped from
-one step to the next (`make run` does both; dsv3_jax/host.py, dsv3_jax/keep_freed.py).
+--cpu_devices=1 keeps one device. XLA's scratch goes on huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1) and
+stays mapped from one step to the next (LD_PRELOAD="$(python -m dsv3_jax.keep_freed)"): both must be in the
+environment when the process starts, so `make run` sets them and a process started without them restarts itself
+with them first thing (same pid and arguments; DSV3_RESTART=0 to not; dsv3_jax/host.py, dsv3_jax/keep_freed.py).
 """
 
 from __future__ import annotations
@@ -75,5 +76,6 @@ def _report(summary) -> None:
 
 
 if __name__ == "__main__":
+  keep_freed.restart_with_fast_malloc()  # glibc on huge pages, large freed blocks kept mapped (DSV3_RESTART=0: not)
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -170,3 +170,45 @@ print(json.dumps(children))
 
 def test_fork_while_other_threads_allocate(library):
   assert _child(_FORK_WHILE_ALLOCATING, library, timeout=120) == 20  # before the fork handlers: a hang
+
+
+_RESTART = r"""
+import json, os, sys
+from dsv3_jax import host, keep_freed
+print(json.dumps({"started": os.getpid(), "restart": os.environ.get("DSV3_RESTART")}), flush=True)
+keep_freed.restart_with_fast_malloc()
+print(json.dumps({"pid": os.getpid(), "argv": sys.argv[1:], "active": keep_freed.active(),
+                  "huge_pages": host.huge_page_malloc(), "tunables": os.environ.get("GLIBC_TUNABLES"),
+                  "restart": os.environ.get("DSV3_RESTART")}))
+"""
+
+
+def _restarted(preload: str, **env) -> tuple[list[dict], dict]:
+  """The lines the start-up printed (one per process image) and the final state, for `_RESTART` with `env`."""
+  env = dict(os.environ, LD_PRELOAD=preload, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=_REPO, **env)
+  proc = subprocess.run([sys.executable, "-c", _RESTART, "a", "b c"], env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+  return lines[:-1], lines[-1]
+
+
+@pytest.mark.parametrize("tunables", ["", "glibc.malloc.arena_max=4", "glibc.malloc.hugetlb=0"])
+def test_entry_points_restart_themselves_with_the_library(library, tunables):
+  """What `experiments.train` and the benchmarks do first: the same pid and arguments, the library preloaded,
+  huge pages added to the user's tunables unless they set them."""
+  starts, final = _restarted("", GLIBC_TUNABLES=tunables, DSV3_RESTART="")
+  assert [s["restart"] for s in starts] == ["", "done"]
+  assert final["pid"] == starts[0]["started"] == starts[1]["started"]  # execve: the process a launcher waits on
+  assert final["argv"] == ["a", "b c"] and final["active"] and final["restart"] == "done"
+  if tunables == "glibc.malloc.hugetlb=0":
+    assert final["tunables"] == tunables  # the user's choice stands
+  elif final["tunables"] != tunables:  # unchanged where THP is on for every process already
+    assert final["tunables"] == ":".join(filter(None, [tunables, "glibc.malloc.hugetlb=1"])) and final["huge_pages"]
+
+
+def test_no_restart_when_set_up_or_told_not_to(library):
+  starts, final = _restarted(library, GLIBC_TUNABLES="glibc.malloc.hugetlb=1", DSV3_RESTART="")
+  assert len(starts) == 1 and final["active"] and final["restart"] == ""
+  starts, final = _restarted("", GLIBC_TUNABLES="", DSV3_RESTART="0")
+  assert len(starts) == 1 and not final["active"] and final["restart"] == "0"
