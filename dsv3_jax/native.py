@@ -151,6 +151,22 @@ def _blas() -> tuple[ctypes.CDLL, int, bool, int]:
   raise Unavailable(f"no cblas sgemm ({', '.join(s for s, _ in _SGEMM_SYMBOLS)}) in {[str(p) for p in candidates]}")
 
 
+def one_blas_thread_here() -> bool:
+  """Runs this thread's calls into the BLAS that `_blas` finds on one core (OpenBLAS's per-thread setting).
+
+  False where there is no such library or it has no per-thread setter. It is numpy's own BLAS unless
+  $DSV3_JAX_BLAS names another.
+  """
+  try:
+    _, _, _, setter = _blas()
+  except Unavailable:
+    return False
+  if not setter:
+    return False
+  ctypes.CFUNCTYPE(None, ctypes.c_int)(setter)(1)
+  return True
+
+
 @functools.cache
 def _load() -> str | None:
   """Builds, loads and registers the handlers once per process; None when ready, else the reason they are not."""

@@ -21,6 +21,9 @@ report records and which apply to both sides and to the child processes:
   own in every repetition (the first step after the other framework ran is slow). Ours is also timed with
   MTP on (the main job's setting), and its share of the matmul peak is computed from
   `metrics.model_flops_per_token`.
+- floor: the same step's GEMMs alone (`experiments/gemm_floor.py`): every matrix product of one device's
+  forward + backward through numpy's OpenBLAS, one thread per device, all at once; the time no amount of work on
+  the rest of the step can go under with these GEMM kernels.
 - seq: our step at each --seq_lens with --seq_tokens tokens per step (batch = tokens / length), each
   point in its own process so that its peak RSS is its own.
 - experts: our step with --expert_counts routed experts at the config's top-k, with the optimizer
@@ -66,8 +69,9 @@ from dsv3_jax import sharding
 from dsv3_jax import train
 from experiments import bench_profile
 from experiments import bench_report
+from experiments import gemm_floor
 
-SECTIONS = ("peak", "train", "seq", "experts", "moe", "decode")
+SECTIONS = ("peak", "train", "floor", "seq", "experts", "moe", "decode")
 _RESULT_TAG = "BENCH_RESULT "
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -311,6 +315,14 @@ def train_figures(config: ml_collections.ConfigDict, peak: float | None, repetit
   return out
 
 
+def gemm_floor_figures(config: ml_collections.ConfigDict, repetitions: int) -> dict[str, Any]:
+  """The training step's GEMMs alone (`experiments/gemm_floor.py`), on as many threads as our step has devices."""
+  batch = config.data.batch_size
+  cfg = train.model_config(bench_config(config, n_mtp_layers=0), vocab_needed=0)
+  devices = host.auto_device_count(batch, jax.device_count())
+  return gemm_floor.floor(cfg, batch, config.data.seq_len, devices, repetitions)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Cost growth: sequence length (one child process per point) and routed experts.
 
@@ -544,6 +556,9 @@ def run(config: ml_collections.ConfigDict, plan: dict[str, Any]) -> dict[str, An
     report["train"] = train_figures(config, peak, reps, steps, warmup, _TORCH_COMPILE.value, _PROFILE_DIR.value,
                                     settle=_SETTLE.value)
     print(f"training step: ours / faster transformers = {report['train']['ours_vs_faster_torch']:.2f}x", flush=True)
+  if "floor" in plan["sections"]:
+    report["floor"] = gemm_floor_figures(config, max(reps, 5))
+    print(f"the step's GEMMs alone: {report['floor']['ms']['median']:.0f} ms", flush=True)
   if "seq" in plan["sections"]:
     report["seq"] = seq_sweep(config, plan["seq_lens"], _SEQ_TOKENS.value, reps, min(warmup, 1))
   if "experts" in plan["sections"]:

@@ -42,7 +42,8 @@ def markdown(report: dict[str, Any]) -> str:
            f"Each figure: median (min-max) of {report['repetitions']} timed repetitions after compilation and "
            f"warm-up. Model: `{report['config']}` ({report['model']}). Load average when the run started: "
            f"{report.get('load_at_start', float('nan')):.2f} (2 cores; the run itself then adds about 2).", ""]
-  for key, render in (("peak", _md_peak), ("train", _md_train), ("train", _md_profile), ("seq", _md_seq),
+  for key, render in (("peak", _md_peak), ("train", _md_train), ("train", _md_profile), ("floor", _md_floor),
+                      ("seq", _md_seq),
                       ("experts", _md_experts), ("moe", _md_moe), ("decode", _md_decode)):
     if key in report:
       lines += render(report) + [""]
@@ -90,6 +91,27 @@ def _md_profile(r):
   out += ["", f"Matmuls (dots and the fusions around them) took {p['matmul_ms_per_step']:.0f} ms/step "
           f"({p['matmul_ms_per_step'] / p['op_ms_per_step']:.0%} of op time): the model's FLOPs over that time are "
           f"{rate:.0f} GFLOP/s; everything else took {p['op_ms_per_step'] - p['matmul_ms_per_step']:.0f} ms."]
+  return out
+
+
+def _md_floor(r):
+  f = r["floor"]
+  parts = ", ".join(f"{g['group']} {g['ms']:.0f}" for g in f["groups"])
+  threads = "one thread per device" if f.get("one_blas_thread", True) else \
+      "BLAS threads not held to one per device (no per-thread setter)"
+  out = [f"**The step's GEMMs alone** (`experiments/gemm_floor.py`: the {f['gemms_per_device']:,} matrix products of "
+         f"one device's forward + backward at {f['batch']} x {f['seq_len']} tokens over {f['devices']} devices, MTP "
+         f"off, through numpy's OpenBLAS, {threads}, all at once; no norms, routing, layouts, all-reduces or "
+         f"optimizer): {_ms(f['ms'])} ms, {f['flops_per_device'] / 1e9:.1f} GFLOP per device at "
+         f"{f['gflops_per_s_per_thread']:.0f} GFLOP/s per thread. By part (ms, one thread): {parts}."]
+  t = r.get("train")
+  if t:
+    peer_ms = min(t["runs"][n]["step_ms"]["median"] for n in ("transformers_eager", "transformers_compiled")
+                  if n in t["runs"])
+    ours_ms = t["runs"]["ours"]["step_ms"]["median"]
+    out.append(f"A step 1.5x the faster transformers variant ({peer_ms:.0f} ms) takes at most {peer_ms / 1.5:.0f} ms; "
+               f"the GEMMs alone took {f['ms']['median'] / (peer_ms / 1.5):.0%} of that, and our whole step "
+               f"({ours_ms:.0f} ms) {ours_ms / f['ms']['median']:.2f}x the GEMMs alone.")
   return out
 
 

@@ -95,6 +95,19 @@ def test_train_figures_side_by_side(tiny_config):
   assert runs["transformers_eager"]["implementation"]["experts"]
 
 
+def test_gemm_floor_figures_and_their_report(tiny_config):
+  floor = bench.gemm_floor_figures(tiny_config, repetitions=2)
+  assert floor["ms"]["n"] == 2 and floor["ms"]["min"] > 0 and floor["devices"] >= 1
+  assert floor["flops_per_device"] == sum(g["flops"] for g in floor["groups"])
+  run = lambda ms: {"step_ms": {"median": ms}}
+  report = {"floor": floor, "train": {"runs": {"ours": run(300.0), "transformers_eager": run(450.0),
+                                               "transformers_compiled": run(330.0)}}}
+  text = "\n".join(bench_report._md_floor(report))
+  floor_ms = floor["ms"]["median"]
+  assert "variant (330 ms) takes at most 220 ms" in text
+  assert f"took {floor_ms / 220:.0%} of that, and our whole step (300 ms) {300 / floor_ms:.2f}x" in text
+
+
 def test_seq_sweep_child_process(tiny_config):
   out = bench.seq_sweep(tiny_config, [16], tokens=32, repetitions=1, warmup=0)
   (point,) = out["points"]
