@@ -28,7 +28,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
 # Ours against transformers (eager, torch.compile), MFU, cost growth, MoE and decode: docs/bench.json and the
-# generated section of docs/BENCHMARKS.md. About 5 minutes on a 2-core CPU; BENCH_FLAGS=--quick for a smoke run.
+# generated section of docs/BENCHMARKS.md. About 5-6 minutes on a 2-core CPU; BENCH_FLAGS=--quick for a smoke run.
 bench: $(VENV)/.installed
 	$(KEEP_FREED) $(PY) -m experiments.bench $(BENCH_FLAGS)
 

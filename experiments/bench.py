@@ -1,6 +1,6 @@
 """The benchmark suite: our training step beside transformers' (eager and torch.compile) on the same machine.
 
-  make bench                                    # everything; about 5 minutes on a 2-core CPU
+  make bench                                    # everything; about 5-6 minutes on a 2-core CPU
   python -m experiments.bench --quick           # two points per sweep, 2 repetitions, no decode
   python -m experiments.bench --sections=peak,train --repetitions=3
   python -m experiments.bench --sections=train --profile_dir=/tmp/prof    # also profiles our step
