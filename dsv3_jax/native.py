@@ -151,6 +151,24 @@ def _blas() -> tuple[ctypes.CDLL, int, bool, int]:
   raise Unavailable(f"no cblas sgemm ({', '.join(s for s, _ in _SGEMM_SYMBOLS)}) in {[str(p) for p in candidates]}")
 
 
+def gemm_batch(a: np.ndarray, b: np.ndarray, c: np.ndarray, trans_a: bool, trans_b: bool) -> None:
+  """c[i] = op(a[i]) @ op(b[i]) through the kernels' own GEMM (`dsv3::Gemm`, csrc/native.h: OpenBLAS with products
+  blocked under its small-matrix limit), on operands as stored: C-contiguous float32, a [count, k, m] if trans_a
+  else [count, m, k], b [count, n, k] if trans_b else [count, k, n], c [count, m, n]. Raises `Unavailable` without
+  the kernels, ValueError on operands that do not fit."""
+  require()
+  count, m, n = c.shape
+  k = a.shape[1] if trans_a else a.shape[2]
+  want_a = (count, k, m) if trans_a else (count, m, k)
+  want_b = (count, n, k) if trans_b else (count, k, n)
+  for name, x, want in (("a", a, want_a), ("b", b, want_b), ("c", c, c.shape)):
+    if x.dtype != np.float32 or not x.flags.c_contiguous or x.shape != want:
+      raise ValueError(f"gemm_batch: {name} must be C-contiguous float32 {want}, got {x.dtype} {x.shape}")
+  pointer = lambda x: ctypes.c_void_p(x.ctypes.data)
+  _LOADED[-1].dsv3_gemm_batch(ctypes.c_int(trans_a), ctypes.c_int(trans_b), ctypes.c_int64(m), ctypes.c_int64(n),
+                              ctypes.c_int64(k), pointer(a), pointer(b), pointer(c), ctypes.c_int64(count))
+
+
 def one_blas_thread_here() -> bool:
   """Runs this thread's calls into the BLAS that `_blas` finds on one core (OpenBLAS's per-thread setting).
 

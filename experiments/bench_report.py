@@ -94,6 +94,15 @@ def _md_profile(r):
   return out
 
 
+def _kernels(f) -> str:
+  """Which GEMM gave the floor, against the other's median (reports from before the comparison have neither)."""
+  names = {"native": "the native kernels' blocked GEMM", "numpy": "numpy's matmul"}
+  if "kernel_ms" not in f:
+    return ""
+  others = ", ".join(f"{names[k]} {ms:.0f} ms" for k, ms in f["kernel_ms"].items() if k != f["kernel"])
+  return f", through {names[f['kernel']]}" + (f", the faster of the two ({others})" if others else "")
+
+
 def _md_floor(r):
   f = r["floor"]
   parts = ", ".join(f"{g['group']} {g['ms']:.0f}" for g in f["groups"])
@@ -101,9 +110,9 @@ def _md_floor(r):
       "BLAS threads not held to one per device (no per-thread setter)"
   out = [f"**The step's GEMMs alone** (`experiments/gemm_floor.py`: the {f['gemms_per_device']:,} matrix products of "
          f"one device's forward + backward at {f['batch']} x {f['seq_len']} tokens over {f['devices']} devices, MTP "
-         f"off, through numpy's OpenBLAS, {threads}, all at once; no norms, routing, layouts, all-reduces or "
+         f"off, back to back on OpenBLAS, {threads}, all at once; no norms, routing, layouts, all-reduces or "
          f"optimizer): {_ms(f['ms'])} ms, {f['flops_per_device'] / 1e9:.1f} GFLOP per device at "
-         f"{f['gflops_per_s_per_thread']:.0f} GFLOP/s per thread. By part (ms, one thread): {parts}."]
+         f"{f['gflops_per_s_per_thread']:.0f} GFLOP/s per thread{_kernels(f)}. By part (ms, one thread): {parts}."]
   t = r.get("train")
   if t:
     peer_ms = min(t["runs"][n]["step_ms"]["median"] for n in ("transformers_eager", "transformers_compiled")

@@ -4,10 +4,12 @@
 step runs it: each Linear's three products (forward, input gradient, weight gradient; the MLPs' w1 and w3 as one
 product, as `layers.MLP` fuses them), the routed experts' nine per expert with the routed rows spread evenly
 (`csrc/grouped_swiglu.cc`), and causal attention's query tiles against the keys up to each tile's end, forward and
-backward with the scores recomputed (`csrc/causal_attention.cc`). `time_gemms` runs that list through BLAS sgemm
-(numpy's matmul over the OpenBLAS the native kernels call), one thread per device, all devices at once, as the
-step's device threads run; everything else the step does (norms, RoPE, SwiGLU, routing, layouts, all-reduces, the
-optimizer) is left out. `experiments.bench` reports it beside the step:
+backward with the scores recomputed (`csrc/causal_attention.cc`). `time_gemms` runs that list back to back, one
+thread per device, all devices at once, as the step's device threads run, through one of two GEMMs over the
+OpenBLAS numpy bundles: the native kernels' own (`native.gemm_batch`: products blocked under OpenBLAS's
+small-matrix limit) or numpy's matmul (one call per product). `floor` times both and keeps the faster. Everything
+else the step does (norms, RoPE, SwiGLU, routing, layouts, all-reduces, the optimizer) is left out.
+`experiments.bench` reports it beside the step:
 
   python -m experiments.bench --sections=peak,train,floor
 """
@@ -114,19 +116,33 @@ def step_gemms(c: config_lib.ModelConfig, batch: int, seq: int, devices: int = 1
 
 
 def _operands(g: Gemm, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """A, B (transposed views where the product reads them transposed) and C, with a leading [count] axis."""
+  """A, B as stored ([count, k, m] where A is read transposed, [count, n, k] where B is) and C, all C-contiguous."""
   a = rng.standard_normal((g.count, *((g.k, g.m) if g.trans_a else (g.m, g.k))), np.float32)
   b = rng.standard_normal((g.count, *((g.n, g.k) if g.trans_b else (g.k, g.n))), np.float32)
-  return (a.swapaxes(1, 2) if g.trans_a else a), (b.swapaxes(1, 2) if g.trans_b else b), \
-      np.empty((g.count, g.m, g.n), np.float32)
+  return a, b, np.empty((g.count, g.m, g.n), np.float32)
 
 
-def time_gemms(gemms: list[Gemm], threads: int, repetitions: int, warmup: int = 2) -> dict[str, Any]:
-  """`gemms` run back to back in each of `threads` threads at once, `repetitions` times after `warmup`.
+def product(kernel: str):
+  """fn(g, a, b, c) running `g` on operands from `_operands`: 'native', the kernels' own GEMM (`native.gemm_batch`:
+  OpenBLAS with products blocked under its small-matrix limit, as csrc/ runs them), or 'numpy' (numpy's matmul, one
+  OpenBLAS call per product)."""
+  if kernel == "native":
+    return lambda g, a, b, c: native.gemm_batch(a, b, c, g.trans_a, g.trans_b)
+  if kernel == "numpy":
+    return lambda g, a, b, c: np.matmul(a.swapaxes(1, 2) if g.trans_a else a, b.swapaxes(1, 2) if g.trans_b else b,
+                                        out=c)
+  raise ValueError(f"kernel must be 'native' or 'numpy', got {kernel!r}")
+
+
+def time_gemms(gemms: list[Gemm], threads: int, repetitions: int, warmup: int = 2,
+               kernel: str = "native") -> dict[str, Any]:
+  """`gemms` run back to back through `product(kernel)` in each of `threads` threads at once, `repetitions` times
+  after `warmup`.
 
   Returns the seconds of each repetition (its slowest thread), each group's seconds in thread 0's last
   repetition, and whether every thread's BLAS calls were held to one core.
   """
+  run = product(kernel)
   barrier = threading.Barrier(threads)
   spans: list[list[float]] = [[] for _ in range(threads)]
   by_group: dict[str, float] = collections.defaultdict(float)
@@ -143,9 +159,8 @@ def time_gemms(gemms: list[Gemm], threads: int, repetitions: int, warmup: int = 
         barrier.wait()
         start = time.perf_counter()
         for g in gemms:
-          a, b, c = operands[g]
           t0 = time.perf_counter()
-          np.matmul(a, b, out=c)
+          run(g, *operands[g])
           if last:
             by_group[g.group] += time.perf_counter() - t0
         if rep >= warmup:
@@ -166,17 +181,23 @@ def time_gemms(gemms: list[Gemm], threads: int, repetitions: int, warmup: int = 
 
 
 def floor(c: config_lib.ModelConfig, batch: int, seq: int, devices: int, repetitions: int) -> dict[str, Any]:
-  """The step's GEMMs timed alone (see the module docstring): ms per step, FLOPs and the rate, by group."""
+  """The step's GEMMs timed alone (see the module docstring) through each GEMM at hand, the native kernels' own
+  (where they are available) and numpy's; the faster list's ms per step, its rate and its parts, and every
+  kernel's median."""
   gemms = step_gemms(c, batch, seq, devices)
-  timed = time_gemms(gemms, devices, repetitions)
-  ms = [1e3 * s for s in timed["seconds"]]
+  kernels = ("native", "numpy") if native.available() else ("numpy",)
+  timed = {k: time_gemms(gemms, devices, repetitions, kernel=k) for k in kernels}
+  medians = {k: 1e3 * statistics.median(t["seconds"]) for k, t in timed.items()}
+  kernel = min(medians, key=medians.get)
+  ms = [1e3 * s for s in timed[kernel]["seconds"]]
   flops = collections.Counter()
   for g in gemms:
     flops[g.group] += g.flops
   total = sum(flops.values())
-  median = statistics.median(ms)
-  return {"devices": devices, "batch": batch, "seq_len": seq, "gemms_per_device": sum(g.count for g in gemms),
-          "flops_per_device": total, "ms": {"median": median, "min": min(ms), "max": max(ms), "n": len(ms)},
-          "gflops_per_s_per_thread": total / median / 1e6, "one_blas_thread": timed["one_blas_thread"],
-          "groups": [{"group": name, "flops": f, "ms": 1e3 * timed["group_seconds"].get(name, 0.0)}
+  return {"kernel": kernel, "kernel_ms": medians, "devices": devices, "batch": batch, "seq_len": seq,
+          "gemms_per_device": sum(g.count for g in gemms), "flops_per_device": total,
+          "ms": {"median": medians[kernel], "min": min(ms), "max": max(ms), "n": len(ms)},
+          "gflops_per_s_per_thread": total / medians[kernel] / 1e6,
+          "one_blas_thread": all(t["one_blas_thread"] for t in timed.values()),
+          "groups": [{"group": name, "flops": f, "ms": 1e3 * timed[kernel]["group_seconds"].get(name, 0.0)}
                      for name, f in flops.most_common()]}

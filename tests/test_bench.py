@@ -106,6 +106,8 @@ def test_gemm_floor_figures_and_their_report(tiny_config):
   floor_ms = floor["ms"]["median"]
   assert "variant (330 ms) takes at most 220 ms" in text
   assert f"took {floor_ms / 220:.0%} of that, and our whole step (300 ms) {300 / floor_ms:.2f}x" in text
+  assert set(floor["kernel_ms"]) == {"native", "numpy"} and floor["kernel_ms"][floor["kernel"]] == floor_ms
+  assert ", the faster of the two (" in text
 
 
 def test_seq_sweep_child_process(tiny_config):

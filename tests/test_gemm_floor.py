@@ -8,6 +8,7 @@ import pytest
 
 from dsv3_jax import config as config_lib
 from dsv3_jax import metrics
+from dsv3_jax import native
 from dsv3_jax import param_count
 from experiments import gemm_floor
 
@@ -59,18 +60,37 @@ def test_routed_rows_spread_over_the_experts():
     gemm_floor.step_gemms(cfg, 3, 16, 2)
 
 
-def test_time_gemms_runs_every_thread_and_reports_groups():
+@pytest.mark.parametrize("kernel", ["native", "numpy"])
+def test_time_gemms_runs_every_thread_and_reports_groups(kernel):
   gemms = [gemm_floor.Gemm("a", 32, 16, 8), gemm_floor.Gemm("b", 16, 32, 8, trans_a=True, count=3),
            gemm_floor.Gemm("b", 8, 16, 32, trans_b=True)]
-  out = gemm_floor.time_gemms(gemms, threads=2, repetitions=3, warmup=1)
+  out = gemm_floor.time_gemms(gemms, threads=2, repetitions=3, warmup=1, kernel=kernel)
   assert len(out["seconds"]) == 3 and min(out["seconds"]) > 0
   assert set(out["group_seconds"]) == {"a", "b"}
   assert out["one_blas_thread"]  # numpy's wheel bundles OpenBLAS, which has the per-thread setter
   a, b, c = gemm_floor._operands(gemms[1], np.random.default_rng(0))
-  assert a.shape == (3, 16, 32) and b.shape == (3, 32, 8) and c.shape == (3, 16, 8)
+  assert a.shape == (3, 32, 16) and b.shape == (3, 32, 8) and c.shape == (3, 16, 8)  # A as stored: [count, k, m]
+  with pytest.raises(ValueError, match="'native' or 'numpy'"):
+    gemm_floor.product("torch")
 
 
 def test_time_gemms_passes_a_thread_failure_on():
   """A product that cannot run fails the call instead of leaving the other threads waiting at the barrier."""
   with pytest.raises(ValueError):
     gemm_floor.time_gemms([gemm_floor.Gemm("bad", -1, 4, 4)], threads=2, repetitions=1)
+
+
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
+def test_native_gemm_batch_matches_numpy(trans_a, trans_b):
+  """The kernels' GEMM as the floor calls it, on a product large enough to be blocked (m n k > 1e6) and a small one."""
+  rng = np.random.default_rng(0)
+  for count, m, k, n in ((2, 300, 256, 160), (3, 7, 5, 9)):
+    g = gemm_floor.Gemm("x", m, k, n, trans_a=trans_a, trans_b=trans_b, count=count)
+    a, b, c = gemm_floor._operands(g, rng)
+    gemm_floor.product("native")(g, a, b, c)
+    want = np.matmul(a.swapaxes(1, 2) if trans_a else a, b.swapaxes(1, 2) if trans_b else b)
+    np.testing.assert_allclose(c, want, rtol=2e-5, atol=2e-5 * np.sqrt(k))
+  with pytest.raises(ValueError, match="gemm_batch: b must be C-contiguous float32"):
+    native.gemm_batch(a, np.zeros((3, 1, 1), np.float32), c, trans_a, trans_b)
+  with pytest.raises(ValueError, match="gemm_batch: a must be"):
+    native.gemm_batch(a.astype(np.float64), b, c, trans_a, trans_b)

@@ -19,3 +19,16 @@ extern "C" __attribute__((visibility("default"))) void dsv3_set_blas(void* sgemm
   }
   dsv3::set_threads_local = reinterpret_cast<dsv3::SetThreadsLocal>(threads_local);
 }
+
+// c[i] = op(a[i]) @ op(b[i]) for i < count, through dsv3::Gemm (the small-matrix blocking every kernel here uses):
+// a stored [count, k, m] when trans_a else [count, m, k], b [count, n, k] when trans_b else [count, k, n], c [count,
+// m, n], all contiguous row-major. For experiments/gemm_floor.py, which times the training step's products as the
+// native kernels run them.
+extern "C" __attribute__((visibility("default"))) void dsv3_gemm_batch(int trans_a, int trans_b, int64_t m,
+                                                                        int64_t n, int64_t k, const float* a,
+                                                                        const float* b, float* c, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    dsv3::Gemm(trans_a != 0, trans_b != 0, m, n, k, a + i * m * k, trans_a ? m : k, b + i * k * n, trans_b ? k : n,
+               0.0f, c + i * m * n, n);
+  }
+}
