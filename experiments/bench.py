@@ -315,14 +315,6 @@ def train_figures(config: ml_collections.ConfigDict, peak: float | None, repetit
   return out
 
 
-def gemm_floor_figures(config: ml_collections.ConfigDict, repetitions: int) -> dict[str, Any]:
-  """The training step's GEMMs alone (`experiments/gemm_floor.py`), on as many threads as our step has devices."""
-  batch = config.data.batch_size
-  cfg = train.model_config(bench_config(config, n_mtp_layers=0), vocab_needed=0)
-  devices = host.auto_device_count(batch, jax.device_count())
-  return gemm_floor.floor(cfg, batch, config.data.seq_len, devices, repetitions)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Cost growth: sequence length (one child process per point) and routed experts.
 
@@ -557,7 +549,7 @@ def run(config: ml_collections.ConfigDict, plan: dict[str, Any]) -> dict[str, An
                                     settle=_SETTLE.value)
     print(f"training step: ours / faster transformers = {report['train']['ours_vs_faster_torch']:.2f}x", flush=True)
   if "floor" in plan["sections"]:
-    report["floor"] = gemm_floor_figures(config, max(reps, 5))
+    report["floor"] = gemm_floor.for_run(config, max(reps, 5))
     print(f"the step's GEMMs alone: {report['floor']['ms']['median']:.0f} ms", flush=True)
   if "seq" in plan["sections"]:
     report["seq"] = seq_sweep(config, plan["seq_lens"], _SEQ_TOKENS.value, reps, min(warmup, 1))

@@ -24,10 +24,14 @@ import threading
 import time
 from typing import Any
 
+import jax
+import ml_collections
 import numpy as np
 
 from dsv3_jax import config as config_lib
+from dsv3_jax import host
 from dsv3_jax import native
+from dsv3_jax import train
 
 # The native attention kernel's tiles (csrc/causal_attention.cc: kQueryRows, kKeyCols).
 QUERY_ROWS, KEY_COLS = 64, 256
@@ -178,6 +182,14 @@ def time_gemms(gemms: list[Gemm], threads: int, repetitions: int, warmup: int = 
     raise errors[0]
   return {"seconds": [max(s[i] for s in spans) for i in range(repetitions)], "group_seconds": dict(by_group),
           "one_blas_thread": all(single)}
+
+
+def for_run(config: ml_collections.ConfigDict, repetitions: int) -> dict[str, Any]:
+  """`floor` for a run config's model (MTP off, as the suite times our step) at its batch and length, on as many
+  threads as the step has devices (`host.auto_device_count`, as `bench.OursStep` picks them)."""
+  batch = config.data.batch_size
+  cfg = train.model_config(config, vocab_needed=0).replace(n_mtp_layers=0)
+  return floor(cfg, batch, config.data.seq_len, host.auto_device_count(batch, jax.device_count()), repetitions)
 
 
 def floor(c: config_lib.ModelConfig, batch: int, seq: int, devices: int, repetitions: int) -> dict[str, Any]:

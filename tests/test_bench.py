@@ -18,6 +18,7 @@ from dsv3_jax import torch_parity
 from experiments import bench
 from experiments import bench_profile
 from experiments import bench_report
+from experiments import gemm_floor
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -96,7 +97,7 @@ def test_train_figures_side_by_side(tiny_config):
 
 
 def test_gemm_floor_figures_and_their_report(tiny_config):
-  floor = bench.gemm_floor_figures(tiny_config, repetitions=2)
+  floor = gemm_floor.for_run(tiny_config, repetitions=2)
   assert floor["ms"]["n"] == 2 and floor["ms"]["min"] > 0 and floor["devices"] >= 1
   assert floor["flops_per_device"] == sum(g["flops"] for g in floor["groups"])
   run = lambda ms: {"step_ms": {"median": ms}}
