@@ -22,8 +22,8 @@ report records and which apply to both sides and to the child processes:
   MTP on (the main job's setting), and its share of the matmul peak is computed from
   `metrics.model_flops_per_token`.
 - floor: the same step's GEMMs alone (`experiments/gemm_floor.py`): every matrix product of one device's
-  forward + backward through numpy's OpenBLAS, one thread per device, all at once; the time no amount of work on
-  the rest of the step can go under with these GEMM kernels.
+  forward + backward on OpenBLAS (the native kernels' blocked GEMM and numpy's matmul, the faster kept), one thread
+  per device, all at once; the time no amount of work on the rest of the step can go under with these kernels.
 - seq: our step at each --seq_lens with --seq_tokens tokens per step (batch = tokens / length), each
   point in its own process so that its peak RSS is its own.
 - experts: our step with --expert_counts routed experts at the config's top-k, with the optimizer
